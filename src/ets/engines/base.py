@@ -1,0 +1,65 @@
+"""The Policy interface: grow tree nodes by sampled reasoning steps."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ets.config import SamplingConfig
+from ets.tree import Node
+
+# Step.stop_reason values
+DELIMITER = "delimiter"  # the step delimiter was generated (it is part of the step's tokens)
+EOS = "eos"  # the model ended the sequence
+LENGTH = "length"  # max_step_tokens reached without delimiter or EOS
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sampled reasoning step: exactly the tokens generated after the parent's sequence."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    stop_reason: str  # DELIMITER | EOS | LENGTH
+    logprobs: tuple[float, ...] | None = None  # one per token, when the engine gives them
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Sample `n` children of `node`; the prompt is `node.path_token_ids()`."""
+
+    node: Node
+    n: int
+
+
+class Policy(ABC):
+    """Contract:
+    - `format_prompt(question)` returns the prompt's token ids and text (chat template applied).
+    - `expand(requests, sampling)` returns, per request and in order, exactly `request.n` Steps,
+      each continuing `request.node`'s sequence by one step. All requests of one call are
+      independent and may be (and should be) generated together. The call is async so that many
+      problems can be in flight against one server.
+    - `release(nodes)` tells the engine these nodes will never be expanded nor extended again
+      (pruned or finished), so KV held only for them may be freed. Default: nothing to free.
+    - The policy never changes the tree; the search adds the returned steps as children.
+    """
+
+    name: str = "policy"
+    eos_token_id: int | None = None
+
+    @abstractmethod
+    def format_prompt(self, question: str) -> tuple[list[int], str]: ...
+
+    @abstractmethod
+    async def expand(self, requests: Sequence[Expansion], sampling: SamplingConfig) -> list[list[Step]]: ...
+
+    def release(self, nodes: Iterable[Node]) -> None:
+        return None
+
+    def stats(self) -> dict:
+        """Engine counters (e.g. prefilled tokens, calls); merged into a run's results."""
+        return {}
+
+    async def aclose(self) -> None:
+        return None

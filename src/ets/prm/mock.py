@@ -1,0 +1,36 @@
+"""A deterministic, seedable mock PRM: score = hash of (seed, path) in (0, 1), nudged up for
+steps that box the mock policy's right answer, so voting has a signal to find."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+from ets.prm.base import RewardModel, ScoreRequest
+
+
+class MockPRM(RewardModel):
+    name = "mock-prm"
+
+    def __init__(self, seed: int = 0, answer: str = "42", drop_last_for: str | None = None):
+        self.seed, self.answer = seed, answer
+        self.drop_last_for = drop_last_for  # a substring: paths whose last step has it lose a score
+        self.calls = 0
+
+    def _score(self, texts: list[str]) -> float:
+        h = hashlib.blake2b(repr((self.seed, texts)).encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2**64
+        if f"\\boxed{{{self.answer}}}" in texts[-1]:
+            u = 0.5 + 0.5 * u
+        return round(u, 6)
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        self.calls += 1
+        out = []
+        for req in requests:
+            texts = req.node.step_texts()
+            scores = [self._score(texts[: i + 1]) for i in range(len(texts))]
+            if self.drop_last_for and self.drop_last_for in texts[-1]:
+                scores = scores[:-1]
+            out.append(scores)
+        return out
