@@ -35,6 +35,7 @@ class StepTrace:
     kv_nodes: int
     select_s: float  # wall time of the strategy's decision
     info: dict = field(default_factory=dict)  # strategy extras (e.g. ETS clusters, objective)
+    engine: dict = field(default_factory=dict)  # policy.observe(root) after this depth's expand
 
 
 @dataclass
@@ -119,6 +120,7 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
         requests = [Expansion(node, n) for node, n in zip(candidates, alloc) if n > 0]
         steps = await policy.expand(requests, cfg.sampling)
         counters["policy_calls"] += 1
+        engine = policy.observe(tree.root)
         children: list[Node] = []
         for req, req_steps in zip(requests, steps):
             if len(req_steps) != req.n:
@@ -134,7 +136,7 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
         kv = kv_footprint(children, cfg.kv_block_size)
         trace.append(StepTrace(depth, len(candidates), len(finished), sum(1 for a in alloc if a > 0),
                                list(alloc), [n.id for n in candidates], remaining, kv.tokens,
-                               kv.gen_tokens, kv.blocks, kv.nodes, select_s, info))
+                               kv.gen_tokens, kv.blocks, kv.nodes, select_s, info, engine))
         frontier = children
         depth += 1
     counters["wall_s"] = time.perf_counter() - t_start

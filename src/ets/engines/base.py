@@ -57,6 +57,12 @@ class Policy(ABC):
     def release(self, nodes: Iterable[Node]) -> None:
         return None
 
+    def observe(self, root: Node) -> dict:
+        """Engine measurements for the problem rooted at `root`, read right after its latest
+        `expand` (e.g. KV tokens actually held, prefix-cache hit rate); stored in that depth's
+        trace as `engine`. Default: none."""
+        return {}
+
     def stats(self) -> dict:
         """Engine counters (e.g. prefilled tokens, calls); merged into a run's results."""
         return {}
