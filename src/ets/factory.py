@@ -1,0 +1,81 @@
+"""Policy and PRM construction from short specs (the CLI's --policy / --prm).
+
+    make_policy(spec, **opts)
+        None | "default"          -> ets.engines.hf.load_policy(None, **opts)   (embedded default model)
+        "mock"                    -> ets.engines.mock.MockPolicy(seed=opts["seed"])
+        "http://..." (comma list) -> ets.engines.server.ServerPolicy(urls, **opts)
+        anything else (dir/GGUF)  -> ets.engines.hf.load_policy(spec, **opts)
+    make_prm(spec, policy, **opts)
+        None | "default"          -> ets.prm.default.DefaultPRM(policy)
+        "mock"                    -> ets.prm.mock.MockPRM(seed=opts["seed"])
+        "math-shepherd:PATH"      -> ets.prm.math_shepherd.MathShepherdPRM(PATH)
+        "qwen-prm:PATH"           -> ets.prm.qwen_prm.QwenPRM(PATH)
+        "http://..."              -> ets.prm.served.ServedPRM(url)
+
+Model modules are imported only when asked for: a mock run needs no torch import. Options that
+a constructor does not take are dropped (each engine takes its own set: seed, device, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+
+class SpecError(ValueError):
+    """A --policy/--prm spec that cannot be built; the message says what to pass instead."""
+
+
+def _call(target: str, *args, **opts):
+    mod_name, attr = target.rsplit(".", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SpecError(f"{mod_name} is not available ({e}); install the project with its "
+                        "dependencies (`pip install -e .`) or choose another spec (e.g. 'mock')") from e
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise SpecError(f"{mod_name} has no {attr}")
+    return fn(*args, **_accepted(fn, opts))
+
+
+def _accepted(fn, opts: dict) -> dict:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return opts
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return opts
+    return {k: v for k, v in opts.items() if k in params}
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def make_policy(spec: str | None, **opts):
+    if spec in (None, "", "default"):
+        return _call("ets.engines.hf.load_policy", None, **opts)
+    if spec == "mock":
+        return _call("ets.engines.mock.MockPolicy", **opts)
+    if _is_url(spec):
+        urls = [u.strip() for u in spec.split(",") if u.strip()]
+        return _call("ets.engines.server.ServerPolicy", urls, **opts)
+    return _call("ets.engines.hf.load_policy", spec, **opts)
+
+
+def make_prm(spec: str | None, policy=None, **opts):
+    if spec in (None, "", "default"):
+        if policy is None:
+            raise SpecError("the default PRM is derived from the policy; build the policy first")
+        return _call("ets.prm.default.DefaultPRM", policy, **opts)
+    if spec == "mock":
+        return _call("ets.prm.mock.MockPRM", **opts)
+    if _is_url(spec):
+        return _call("ets.prm.served.ServedPRM", spec, **opts)
+    kind, sep, path = spec.partition(":")
+    targets = {"math-shepherd": "ets.prm.math_shepherd.MathShepherdPRM", "qwen-prm": "ets.prm.qwen_prm.QwenPRM"}
+    if sep and kind in targets and path:
+        return _call(targets[kind], path, **opts)
+    raise SpecError(f"unknown PRM spec {spec!r}; use default, mock, math-shepherd:PATH, qwen-prm:PATH "
+                    "or an http(s):// URL")

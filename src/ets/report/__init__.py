@@ -1,0 +1,1 @@
+"""Reporting: terminal/markdown tables, matplotlib plots, the HTML tree viewer."""

@@ -1,0 +1,186 @@
+"""Run problems through the search with bounded concurrency, saving each as soon as it finishes.
+
+One *job* = one problem under one search config, saved in that config's run directory. Jobs are
+grouped by problem: a problem's jobs run one after another (so `ets compare` interleaves methods
+problem by problem and machine drift hits all alike), while up to `concurrency` problems are in
+flight at once (an asyncio semaphore). A job whose problem file already exists is skipped: that
+is how a run resumes. A failing job is recorded in its run's errors/ and the others go on; the
+caller gets the failures and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ets.answer import select_from_tree
+from ets.config import SearchConfig
+from ets.runs import RunDir, summarize, versions
+from ets.search import search
+from ets.tasks import Problem, Task
+from ets.treeio import trace_to_list, tree_to_dict
+
+
+@dataclass
+class Job:
+    problem: Problem
+    cfg: SearchConfig
+    run: RunDir
+
+
+@dataclass
+class Failure:
+    problem_id: str
+    run: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    computed: int = 0
+    skipped: int = 0
+    generated: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def hint(exc: BaseException) -> str:
+    """What to do about a failure, by its kind."""
+    from ets.prm.base import PRMError
+
+    if isinstance(exc, PRMError):
+        return ("the PRM could not score a step: check that --step-delimiter matches the PRM's step "
+                "tag and that --prm names the right model")
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError)) or any(
+            w in text for w in ("connect", "timeout", "refused", "unreachable", "http")):
+        return ("a server did not answer: check that it is up (e.g. `ets serve`) and that the "
+                "--policy/--prm URL is right")
+    if isinstance(exc, MemoryError) or "out of memory" in text:
+        return "out of memory: lower --concurrency or --width"
+    return "see the message above"
+
+
+def problem_record(problem: Problem, task: Task, prompt: str, result, vote: str, agg: str,
+                   policy_name: str, prm_name: str) -> dict:
+    """Everything saved for one finished problem (see docs/harness.md)."""
+    sel = select_from_tree(result.tree, task, vote, agg)
+    return {
+        "format": 1, "id": problem.id, "question": problem.question, "prompt": prompt, "gold": problem.gold,
+        "meta": problem.meta, "task": task.to_dict(),
+        "answer": sel.to_dict(), "correct": task.grade(sel.answer, problem.gold),
+        "solutions": len(result.solutions), "kv": result.kv_summary(), "counters": result.counters,
+        "policy": policy_name, "prm": prm_name, "finished_at": time.time(),
+        "tree": tree_to_dict(result.tree), "trace": trace_to_list(result.trace),
+    }
+
+
+async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: dict | None = None,
+                   concurrency: int = 1, vote: str = "weighted", agg: str = "last",
+                   progress: bool = True) -> dict[str, Outcome]:
+    """Run every job not yet saved; returns an Outcome per run directory name.
+
+    `groups`: one list of jobs per problem (run in that order). `embedders`: name -> embedder,
+    shared by every ETS job whose config names it (loaded once)."""
+    from tqdm import tqdm
+
+    embedders = embedders if embedders is not None else {}
+    outcomes: dict[str, Outcome] = {}
+    runs: dict[str, RunDir] = {}
+    todo = 0
+    for jobs in groups:
+        for job in jobs:
+            runs[job.run.name] = job.run
+            out = outcomes.setdefault(job.run.name, Outcome())
+            if job.run.is_done(job.problem.id):
+                out.skipped += 1
+            else:
+                todo += 1
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=todo, desc="problems", unit="job", file=sys.stderr, disable=not progress or todo == 0,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    async def one(job: Job) -> None:
+        out = outcomes[job.run.name]
+        prompt = task.prompt(job.problem)
+        t = time.perf_counter()
+        try:
+            emb = _embedder(job.cfg, embedders)
+            result = await search(prompt, policy, prm, job.cfg, embedder=emb)
+            record = problem_record(job.problem, task, prompt, result, vote, agg,
+                                    getattr(policy, "name", "?"), getattr(prm, "name", "?"))
+            job.run.write_problem(record)
+            out.computed += 1
+            out.generated += result.counters.get("generated_tokens", 0)
+            bar.set_postfix_str(f"{job.problem.id}: {'right' if record['correct'] else 'wrong'}", refresh=False)
+        except Exception as e:  # noqa: BLE001  (one problem's failure must not lose the others)
+            msg = (f"problem {job.problem.id!r} ({job.run.name}) failed: {type(e).__name__}: {e}\n"
+                   f"  fix: {hint(e)}; then run the same command again (finished problems are kept).")
+            job.run.write_error(job.problem.id, msg)
+            out.failures.append(Failure(job.problem.id, job.run.name, msg))
+        finally:
+            out.wall_s += time.perf_counter() - t
+            bar.update(1)
+
+    async def problem(jobs: list[Job]) -> None:
+        pending = [j for j in jobs if not j.run.is_done(j.problem.id)]
+        if not pending:
+            return
+        async with sem:
+            for job in pending:
+                await one(job)
+
+    try:
+        await asyncio.gather(*(problem(jobs) for jobs in groups))
+    finally:
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        for name, out in outcomes.items():
+            # one run in this invocation: its wall is the session's; several (compare): the time
+            # spent in its own jobs, which is exact at concurrency 1 (documented in the summary)
+            wall = elapsed if len(outcomes) == 1 else out.wall_s
+            runs[name].append_session({"time": time.time(), "computed": out.computed, "skipped": out.skipped,
+                                       "failed": len(out.failures), "wall_s": wall,
+                                       "generated_tokens": out.generated,
+                                       "concurrency": concurrency, "interleaved_runs": len(outcomes)})
+    return outcomes
+
+
+def _embedder(cfg: SearchConfig, embedders: dict):
+    if cfg.strategy != "ets":
+        return None
+    from ets.cluster import make_embedder
+
+    name = cfg.strategy_config().embedder
+    if name not in embedders:
+        embedders[name] = make_embedder(name)
+    return embedders[name]
+
+
+def write_summary(run: RunDir, problem_ids: list[str] | None = None, extra: dict | None = None) -> dict:
+    """Recompute and save run's summary.json from its problem files and sessions."""
+    records = list(run.iter_problems())
+    if problem_ids is not None:
+        wanted = set(problem_ids)
+        records = [r for r in records if r["id"] in wanted]
+    errors = [e for e in run.errors() if problem_ids is None or e["id"] in set(problem_ids)]
+    summary = summarize(records, run.sessions(), n_selected=len(problem_ids) if problem_ids else None,
+                        failed=len(errors))
+    cfg = run.config()
+    ident = cfg.get("identity", {})
+    summary.update({"name": run.name, "hash": cfg.get("hash"), "strategy": ident.get("search", {}).get("strategy"),
+                    "width": ident.get("search", {}).get("width"), "policy": ident.get("policy"),
+                    "prm": ident.get("prm"), "dataset": ident.get("dataset"),
+                    "vote": cfg.get("run", {}).get("vote", "weighted"), "agg": cfg.get("run", {}).get("agg", "last"),
+                    "versions": versions()})
+    if extra:
+        summary.update(extra)
+    for k, v in list(summary.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            summary[k] = None
+    run.write_summary(summary)
+    return summary
