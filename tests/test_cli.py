@@ -1,0 +1,158 @@
+"""The `ets` CLI with the mock policy/PRM: run, compare, score, view, info, serve, errors."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import ets.cli as cli
+from ets.prm.base import PRMError
+from ets.prm.mock import MockPRM
+
+MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress"]
+
+
+@pytest.fixture
+def toy(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
+                            for i in range(4)))
+    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+
+
+def run_dirs(tmp_path):
+    return sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+
+
+def test_no_args_is_the_main_job(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_run", lambda a: seen.setdefault("a", a) and 0)
+    assert cli.main([]) == 0
+    a = seen["a"]
+    assert (a.strategy, a.width, a.limit, a.dataset, a.policy, a.prm, a.embedder) == (
+        "ets", 4, 5, "gsm8k", "default", "default", "minilm")
+
+
+def test_run_json_and_rerun(tmp_path, toy, capsys):
+    assert cli.main(["run", *MOCK, *toy, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["problems"] == 4 and summary["strategy"] == "ets" and summary["width"] == 4
+    assert 0 <= summary["accuracy"] <= 1 and summary["kv_peak"] > 0 and summary["tokens_per_s"] > 0
+    [d] = run_dirs(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    assert d.name == f"ets-w4-{cfg['hash']}"
+    assert cfg["identity"]["search"]["strategy_params"]["embedder"] == "hash"
+    assert len(list((d / "problems").glob("*.json"))) == 4
+    # the same command again: nothing to do, same directory
+    assert cli.main(["run", *MOCK, *toy]) == 0
+    out, err = capsys.readouterr()
+    assert "4 already done" in err and "accuracy" in out and run_dirs(tmp_path) == [d]
+
+
+def test_search_flags_reach_the_config(tmp_path, toy):
+    args = ["run", *MOCK, *toy, "--width", "3", "--lambda-c", "0.5", "--lambda-s", "0", "--node-cost", "tokens",
+            "--max-tokens", "300", "--step-delimiter", "\\n", "--temperature", "0.7", "--seed", "3", "--limit", "1"]
+    assert cli.main(args) == 0
+    [d] = run_dirs(tmp_path)
+    s = json.loads((d / "config.json").read_text())["identity"]["search"]
+    assert s["width"] == 3 and s["max_tokens"] == 300 and s["seed"] == 3
+    assert s["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 256, "step_delimiter": "\n"}
+    assert s["strategy_config"]["lambda_c"] == 0.5 and s["strategy_config"]["node_cost"] == "tokens"
+
+
+def test_flag_that_does_not_apply_is_an_error(tmp_path, toy, capsys):
+    assert cli.main(["run", *MOCK, *toy, "--strategy", "rebase", "--lambda-c", "1"]) == 2
+    assert "--lambda-c does not apply to rebase" in capsys.readouterr().err
+    assert cli.main(["run", *MOCK, *toy, "--width", "0"]) == 2
+    assert "width must be >= 1" in capsys.readouterr().err
+
+
+def test_malformed_dataset_stops_before_running(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "1"}\n{"question": "b"\n')
+    assert cli.main(["run", *MOCK, "--dataset", str(bad), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2:" in err and "not valid JSON" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failing_problem_exit_1_others_saved(tmp_path, toy, monkeypatch, capsys):
+    class Failing(MockPRM):
+        async def score(self, requests):
+            if "problem 2:" in requests[0].question:
+                raise PRMError("no step tag reached the PRM")
+            return await super().score(requests)
+
+    import ets.factory
+
+    monkeypatch.setattr(ets.factory, "make_prm", lambda spec, policy=None, **kw: Failing())
+    assert cli.main(["run", *MOCK, *toy]) == 1
+    err = capsys.readouterr().err
+    assert "problem 't2'" in err and "fix:" in err and "run the same command again" in err
+    [d] = run_dirs(tmp_path)
+    assert sorted(p.stem for p in (d / "problems").glob("*.json")) == ["t0", "t1", "t3"]
+    monkeypatch.undo()
+    assert cli.main(["run", *MOCK, *toy]) == 0
+    assert "3 already done" in capsys.readouterr().err
+
+
+def test_compare_interleaved_table_plot_and_score(tmp_path, toy, capsys):
+    plot = tmp_path / "cmp.png"
+    args = ["compare", *MOCK, *toy, "--methods", "ets,rebase,beam", "--widths", "2,4", "--plot", str(plot)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for m in ("ets", "rebase", "beam"):
+        assert m in out
+    assert "KV mean" in out and str(plot) in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 6
+    # problem-major: every config finishes problem k before any config starts problem k+1
+    recs = [json.loads(p.read_text()) for d in dirs for p in (d / "problems").glob("*.json")]
+    order = [r["id"] for r in sorted(recs, key=lambda r: r["finished_at"])]
+    assert order == sorted(order) and len(order) == 24
+
+    # score: recomputed from the saved trees, no generation
+    ets_w4 = next(d for d in dirs if d.name.startswith("ets-w4-"))
+    assert cli.main(["score", str(ets_w4), "--vote", "weighted,majority,best", "--agg", "last,min", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 and {r["problems"] for r in rows} == {4}
+    summary = json.loads((ets_w4 / "summary.json").read_text())
+    ref = next(r for r in rows if (r["vote"], r["agg"]) == ("weighted", "last"))
+    assert ref["accuracy"] == summary["accuracy"]
+
+    # compare again: resumes, nothing recomputed
+    stamps = {p: p.stat().st_mtime_ns for d in dirs for p in (d / "problems").glob("*.json")}
+    assert cli.main(args) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for d in dirs for p in (d / "problems").glob("*.json")}
+
+
+def test_score_rejects_unknown_vote(tmp_path, toy, capsys):
+    assert cli.main(["run", *MOCK, *toy, "--limit", "1"]) == 0
+    [d] = run_dirs(tmp_path)
+    assert cli.main(["score", str(d), "--vote", "plurality"]) == 2
+
+
+def test_view_writes_html(tmp_path, toy, capsys):
+    assert cli.main(["run", *MOCK, *toy, "--limit", "2"]) == 0
+    [d] = run_dirs(tmp_path)
+    out = tmp_path / "t.html"
+    assert cli.main(["view", str(d), "--problem", "t1", "-o", str(out)]) == 0
+    assert "Problem t1" in out.read_text()
+    assert cli.main(["view", str(d), "--problem", "nope", "-o", str(out)]) == 2
+    assert "no finished problem 'nope'" in capsys.readouterr().err
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["ets"] and info["cpus"] >= 1 and "device" in info and "vllm_venv" in info
+
+
+def test_serve_delegates(monkeypatch):
+    seen = []
+    monkeypatch.setitem(sys.modules, "ets.serve", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    assert cli.main(["serve", "--port", "8000"]) == 0
+    assert seen == [["--port", "8000"]]

@@ -1,0 +1,156 @@
+"""Run directories: atomic writes, naming, resume after a failure or a SIGKILL, summaries."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ets.config import RunConfig, SearchConfig
+from ets.engines.mock import MockPolicy
+from ets.prm.base import PRMError
+from ets.prm.mock import MockPRM
+from ets.runner import Job, run_jobs, write_summary
+from ets.runs import RunDir, RunMismatch, atomic_write_json, run_name, safe_name
+from ets.tasks import load_dataset
+
+
+def make_dataset(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "question": f"problem {i}: what is 6*7?", "answer": "42"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def setup(tmp_path, n=6, strategy="rebase", width=4):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    task, problems = load_dataset(str(make_dataset(tmp_path / "toy.jsonl", n)), id_field="id")
+    params = {"embedder": "hash"} if strategy == "ets" else {}
+    cfg = SearchConfig(strategy=strategy, width=width, max_tokens=200, strategy_params=params)
+    rc = RunConfig(dataset="toy", policy="mock", prm="mock", embedder="hash", runs_dir=str(tmp_path / "runs"))
+    run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict())
+    return task, problems, cfg, run
+
+
+class FailingPRM(MockPRM):
+    """Raises for one problem, like a PRM that cannot score its steps."""
+
+    def __init__(self, bad: str):
+        super().__init__()
+        self.bad = bad
+
+    async def score(self, requests):
+        if self.bad in requests[0].question:
+            raise PRMError("no step tag reached the PRM")
+        return await super().score(requests)
+
+
+def snapshot(run: RunDir) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run.path / "problems").glob("*.json")}
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "x.json"
+    atomic_write_json(p, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(p, {"a": object()})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]  # no tmp file left behind
+
+
+def test_run_name_is_a_hash_of_the_identity(tmp_path):
+    rc = RunConfig()
+    a = rc.identity(SearchConfig(strategy="ets", width=16), {"name": "gsm8k"})
+    b = rc.identity(SearchConfig(strategy="ets", width=16, seed=1), {"name": "gsm8k"})
+    assert run_name(a) == run_name(dict(a)) and run_name(a).startswith("ets-w16-")
+    assert run_name(a) != run_name(b)
+    # problem selection and concurrency do not change the run
+    assert RunConfig(limit=3, concurrency=4).identity(SearchConfig(strategy="ets", width=16), {"name": "gsm8k"}) == a
+
+
+def test_resume_with_other_config_refused(tmp_path):
+    _, _, cfg, run = setup(tmp_path)
+    other = RunConfig(policy="mock", prm="mock").identity(SearchConfig(strategy="beam", width=4), {})
+    with pytest.raises(RunMismatch, match="another configuration"):
+        RunDir.prepare(tmp_path, other, {}, resume=run.path)
+
+
+def test_safe_names_do_not_collide():
+    assert safe_name("gsm8k-3") == "gsm8k-3"
+    a, b = safe_name("test/algebra/1.json"), safe_name("test_algebra_1.json")
+    assert a != b and "/" not in a
+
+
+def test_failure_keeps_others_then_resume_recomputes_nothing(tmp_path):
+    task, problems, cfg, run = setup(tmp_path, n=6)
+    groups = [[Job(p, cfg, run)] for p in problems]
+    policy = MockPolicy()
+    out = asyncio.run(run_jobs(groups, task, policy, FailingPRM("problem 3:"), concurrency=2, progress=False))
+    o = out[run.name]
+    assert o.computed == 5 and [f.problem_id for f in o.failures] == ["p3"]
+    assert "p3" in o.failures[0].message and "--step-delimiter" in o.failures[0].message
+    assert run.errors()[0]["id"] == "p3"
+    before = snapshot(run)
+    assert len(before) == 5
+
+    # the missing problem alone, in a fresh directory: the policy calls it needs
+    t2, p2, cfg2, run2 = setup(tmp_path / "alone", n=6)
+    solo = MockPolicy()
+    asyncio.run(run_jobs([[Job(p2[3], cfg2, run2)]], t2, solo, MockPRM(), progress=False))
+
+    policy = MockPolicy()
+    out = asyncio.run(run_jobs(groups, task, policy, MockPRM(), concurrency=2, progress=False))
+    o = out[run.name]
+    assert (o.computed, o.skipped, o.failures) == (1, 5, [])
+    assert policy.calls == solo.calls > 0  # only p3 was generated again
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if k in before} == before  # finished files untouched
+    assert len(after) == 6 and run.errors() == []
+    s = write_summary(run, [p.id for p in problems])
+    assert s["problems"] == 6 and s["failed"] == 0
+    assert s["computed"] == 6 and len(run.sessions()) == 2
+
+
+def test_summary_figures(tmp_path):
+    task, problems, cfg, run = setup(tmp_path, n=4, strategy="ets")
+    asyncio.run(run_jobs([[Job(p, cfg, run)] for p in problems], task, MockPolicy(), MockPRM(), progress=False))
+    s = write_summary(run, [p.id for p in problems])
+    recs = list(run.iter_problems())
+    assert s["problems"] == 4 and s["correct"] == sum(r["correct"] for r in recs)
+    assert s["accuracy"] == s["correct"] / 4
+    assert s["kv_peak"] == max(r["kv"]["kv_peak"] for r in recs) > s["kv_mean"] > 0
+    assert s["generated_tokens"] == sum(r["counters"]["generated_tokens"] for r in recs) > 0
+    assert s["tokens_per_s"] > 0 and s["problems_per_s"] > 0 and s["in_flight"] == 1
+    assert s["embedder"] == "hash-bow-256"
+    assert s["versions"]["ets"] and s["strategy"] == "ets" and s["width"] == 4
+    assert json.loads((run.path / "summary.json").read_text())["accuracy"] == s["accuracy"]
+
+
+def test_sigkill_mid_run_then_rerun_loses_and_recomputes_nothing(tmp_path):
+    make_dataset(tmp_path / "toy.jsonl", 400)
+    cmd = [sys.executable, "-m", "ets.cli", "run", "--policy", "mock", "--prm", "mock", "--embedder", "hash",
+           "--strategy", "rebase", "--dataset", str(tmp_path / "toy.jsonl"), "--id-field", "id", "--limit", "0",
+           "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.time() + 60
+    done = []
+    while time.time() < deadline and len(done) < 5:
+        done = list((tmp_path / "runs").glob("*/problems/*.json"))
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = RunDir(next((tmp_path / "runs").iterdir()))
+    before = snapshot(run)
+    assert 5 <= len(before) < 400, "the run must be killed part-way"
+    for rec in run.iter_problems():  # every file on disk is whole
+        assert rec["tree"]["nodes"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    after = snapshot(run)
+    assert len(after) == 400
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert f"{len(before)} already done" in res.stderr
