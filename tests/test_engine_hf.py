@@ -1,0 +1,239 @@
+"""The tree-KV engine, on a tiny random llama built here (fast), and on the real default model
+(slow)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from ets.config import SamplingConfig, SearchConfig
+from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion
+from ets.engines.hf import HFPolicy, sample
+from ets.prm.default import DefaultPRM
+from ets.search import search
+from ets.tree import Tree, kv_footprint
+
+WORDS = ["<pad>", "<eos>", "<unk>", ".", "+", "=", "x"] + [str(i) for i in range(20)] + [f"w{i}" for i in range(20)]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # make "." and <eos> likely enough that steps end all three ways
+        model.lm_head.weight[3] *= 0
+        model.lm_head.weight[1] *= 0
+        model.lm_head.bias = None
+    return model
+
+
+def tiny_policy(seed=0, **kw):
+    return HFPolicy(tiny_model(), tiny_tokenizer(), device="cpu", seed=seed, **kw)
+
+
+SAMPLING = SamplingConfig(max_step_tokens=6, step_delimiter=".")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def grow(policy, tree, node, n, sampling=SAMPLING):
+    steps = run(policy.expand([Expansion(node, n)], sampling))[0]
+    return [tree.add_child(node, s.token_ids, s.text, s.stop_reason, s.logprobs) for s in steps]
+
+
+def reference_logprobs(model, prefix, step):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prefix + step])).logits[0].float(), -1)
+    return [lp[len(prefix) - 1 + i, t].item() for i, t in enumerate(step)]
+
+
+def test_reused_kv_gives_the_same_logprobs_as_a_full_forward():
+    policy = tiny_policy(seed=3)
+    ids, text = policy.format_prompt("1 + 2 = x .")
+    tree = Tree(ids, text)
+    kids = grow(policy, tree, tree.root, 4)
+    # two requests of different depths and prefix lengths decoded in one padded batch
+    grand = grow(policy, tree, kids[0], 2)
+    steps = run(policy.expand([Expansion(kids[1], 3), Expansion(grand[0], 2)], SAMPLING))
+    checked = 0
+    for node, node_steps in zip([kids[1], grand[0]], steps):
+        assert len(node_steps) == (3 if node is kids[1] else 2)
+        for step in node_steps:
+            ref = reference_logprobs(policy.model, node.path_token_ids(), list(step.token_ids))
+            assert max(abs(a - b) for a, b in zip(ref, step.logprobs)) < 1e-4
+            checked += 1
+    assert checked == 5
+
+
+def test_steps_end_at_delimiter_eos_or_length():
+    policy = tiny_policy(seed=1)
+    tree = Tree(*policy.format_prompt("3 + 4 = x ."))
+    nodes = grow(policy, tree, tree.root, 40)
+    reasons = {n.stop_reason for n in nodes}
+    assert reasons == {DELIMITER, EOS, LENGTH}, reasons  # the tiny model is biased to produce all three
+    for n in nodes:
+        ids, text_before = n.token_ids, policy.tok.decode(n.token_ids[:-1], skip_special_tokens=True)
+        assert "." not in text_before  # the step stops at the first delimiter
+        assert len(n.logprobs) == len(ids) and all(lp <= 0 for lp in n.logprobs)
+        if n.stop_reason == DELIMITER:
+            assert "." in n.text and ids[-1] == 3  # the delimiter token is part of the step
+        elif n.stop_reason == EOS:
+            assert ids[-1] == 1
+        else:
+            assert len(ids) == SAMPLING.max_step_tokens and "." not in n.text
+
+
+def test_seeded_sampling_is_reproducible():
+    a, b = tiny_policy(seed=7), tiny_policy(seed=7)
+    ta, tb = Tree(*a.format_prompt("1 + 1 = x .")), Tree(*b.format_prompt("1 + 1 = x ."))
+    assert [n.token_ids for n in grow(a, ta, ta.root, 5)] == [n.token_ids for n in grow(b, tb, tb.root, 5)]
+    c = tiny_policy(seed=8)
+    tc = Tree(*c.format_prompt("1 + 1 = x ."))
+    assert [n.token_ids for n in grow(c, tc, tc.root, 5)] != [n.token_ids for n in grow(a, ta, ta.root, 5)]
+
+
+def test_sample_greedy_and_top_p():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    ids, lps = sample(logits, 0.0, 1.0, None)
+    assert ids.tolist() == [1, 0]
+    assert torch.allclose(lps, torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # top_p this small keeps only the most likely token
+        assert sample(logits, 1.0, 0.05, g)[0].tolist() == [1, 0]
+
+
+def test_release_frees_pruned_nodes_and_unneeded_ancestors():
+    policy = tiny_policy()
+    tree = Tree(*policy.format_prompt("2 + 2 = x ."))
+    kids = grow(policy, tree, tree.root, 3)
+    prompt = len(tree.root.token_ids)
+    held = policy.store.held(tree.root)
+    assert held == prompt + sum(len(k.token_ids) - 1 for k in kids)
+    grand = grow(policy, tree, kids[0], 2)  # kids[0] is consumed: its children hold it now
+    policy.release(kids[1:])
+    assert policy.store.held(tree.root) == prompt + len(kids[0].token_ids) + sum(len(g.token_ids) - 1 for g in grand)
+    policy.release(grand)
+    assert policy.store.held(tree.root) == 0 and policy.store.tokens == 0
+    policy.store.check()
+
+
+def unique_tokens(tree):
+    return sum(len(n.token_ids) for n in tree.nodes)
+
+
+@pytest.mark.parametrize("strategy", ["rebase", "ets"])
+def test_search_computes_each_token_once_and_kv_follows_the_live_tree(strategy):
+    policy = tiny_policy(seed=5)
+    cfg = SearchConfig(strategy=strategy, width=4, max_tokens=40, max_depth=6, sampling=SAMPLING,
+                       strategy_params={"embedder": "hash"} if strategy == "ets" else {})
+    res = run(search("5 + 7 = x .", policy, DefaultPRM(), cfg))
+    tree, stats = res.tree, policy.stats()
+    steps = {}
+    for n in tree.nodes[1:]:
+        steps.setdefault((n.parent.id, n.token_ids and tuple(n.token_ids)), []).append(n)
+    assert all(len(v) == 1 for v in steps.values()), "identical sibling steps: the invariant below assumes none"
+    expanded = {n.parent.id for n in tree.nodes[1:]}
+    never_expanded = [n for n in tree.nodes[1:] if n.id not in expanded]
+    # Every token is fed exactly once, except the last (sampled, never fed) token of each step
+    # that was never expanded.
+    assert stats["computed_tokens"] == unique_tokens(tree) - len(never_expanded)
+    assert stats["prefill_tokens"] == len(tree.root.token_ids) + len(expanded) - 1
+    assert len(tree.nodes) > 8  # the search really went a few levels deep
+    # After each depth the engine holds exactly the KV of the live candidates and their
+    # ancestors (SPEC 3's count), less each fresh child's unfed last token.
+    depth_children = [tree.at_depth(t.depth + 1) for t in res.trace]
+    for t, children in zip(res.trace, depth_children):
+        assert t.engine["kv_tokens"] == kv_footprint(children).tokens - len(children)
+    policy.store.check()
+    assert policy.store.tokens == 0  # everything released at the end
+
+
+def test_kv_capacity_decodes_in_waves_and_is_never_exceeded():
+    sampling = SamplingConfig(max_step_tokens=6, step_delimiter=".")
+    free = tiny_policy(seed=2)
+    tree = Tree(*free.format_prompt("1 + 2 = x ."))
+    prompt = len(tree.root.token_ids)
+    grow(free, tree, tree.root, 8, sampling)
+    assert free.stats()["waves"] == 1
+
+    # room for the 8 children's steps (max_step_tokens - 1 fed tokens each) plus one row in flight
+    capacity = prompt + 8 * (sampling.max_step_tokens - 1) + sampling.max_step_tokens
+    capped = tiny_policy(seed=2, kv_capacity=capacity)
+    tree = Tree(*capped.format_prompt("1 + 2 = x ."))
+    kids = grow(capped, tree, tree.root, 8, sampling)
+    assert capped.stats()["waves"] >= 2
+    capped.release(kids[1:])  # frees room for the next expansion
+    grow(capped, tree, kids[0], 4, sampling)
+    st = capped.stats()
+    assert st["waves"] >= 3
+    assert st["peak_kv_tokens"] <= capacity
+    assert len(tree.nodes) == 1 + 8 + 4
+
+    tiny = tiny_policy(kv_capacity=prompt + 2)
+    t = Tree(*tiny.format_prompt("1 + 2 = x ."))
+    with pytest.raises(RuntimeError, match="kv_capacity"):
+        grow(tiny, t, t.root, 2, sampling)
+
+
+# --- the real default model ----------------------------------------------------------------
+
+GSM8K_Q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+           "in May. How many clips did Natalia sell altogether in April and May?")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from ets.engines.hf import load_policy
+
+    return load_policy(seed=0)
+
+
+@pytest.mark.slow
+def test_default_model_format_prompt_and_logprobs(smollm):
+    ids, text = smollm.format_prompt("What is 2 + 3?")
+    assert text.endswith("<|im_start|>assistant\n") and "What is 2 + 3?" in text
+    tree = Tree(ids, text)
+    sampling = SamplingConfig(max_step_tokens=24)
+    kids = grow(smollm, tree, tree.root, 2, sampling)
+    for k in kids:
+        ref = reference_logprobs(smollm.model, k.parent.path_token_ids(), list(k.token_ids))
+        assert max(abs(a - b) for a, b in zip(ref, k.logprobs)) < 1e-3
+    smollm.release(kids)
+
+
+@pytest.mark.slow
+def test_default_model_width4_rebase_search_end_to_end(smollm):
+    before = smollm.stats()
+    cfg = SearchConfig(strategy="rebase", width=4, max_tokens=160, max_depth=6,
+                       sampling=SamplingConfig(max_step_tokens=48))
+    res = run(search(GSM8K_Q, smollm, DefaultPRM(), cfg))
+    tree, after = res.tree, smollm.stats()
+    computed = after["computed_tokens"] - before["computed_tokens"]
+    expanded = {n.parent.id for n in tree.nodes[1:]}
+    never_expanded = sum(1 for n in tree.nodes[1:] if n.id not in expanded)
+    distinct = len({(n.parent.id, tuple(n.token_ids)) for n in tree.nodes[1:]}) == len(tree.nodes) - 1
+    if distinct:
+        assert computed == unique_tokens(tree) - never_expanded
+    else:  # identical siblings share one segment: their pending token is fed once
+        assert computed <= unique_tokens(tree) - never_expanded
+    for n in tree.nodes[1:]:  # every node scored, one score per step, aligned with its path
+        assert n.score is not None and 0.0 <= n.score <= 1.0
+        assert len(n.logprobs) == len(n.token_ids)
+    assert smollm.store.held(tree.root) == 0
+    assert len(res.trace) >= 2
