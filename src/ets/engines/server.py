@@ -1,0 +1,402 @@
+"""ServerPolicy: grow the tree through OpenAI-compatible serving engines (vLLM, SGLang).
+
+Contract (on top of `Policy`'s):
+- Prompts travel as TOKEN IDS: a node's request carries exactly `node.path_token_ids()`, so the
+  server's prefix cache sees the very sharing the tree has (siblings share their parent's ids).
+- One HTTP request per expanded node asks for all its `n` children (`n`), each stopping at the
+  step delimiter, which stays in the step. The step's token ids and log-probabilities come back
+  from the server; text is the server's detokenisation (ids are the source of truth).
+- Finish reasons map to Step.stop_reason: the delimiter -> "delimiter", EOS/stop token -> "eos",
+  the max_step_tokens cap -> "length".
+- `format_prompt` applies the model's chat template locally (transformers tokenizer from a
+  local folder), so prompt ids match what the server would have made of the same chat.
+- Routing: all requests of one problem (one root node) go to the same server, chosen when the
+  problem first expands as the server with the fewest problems in flight (a problem leaves its
+  server when every open node of its tree has been released, or when its tree is dropped).
+- Transient failures (connection refused/reset, timeouts, HTTP 429/5xx) are retried with
+  exponential backoff, bounded in count; then the problem fails with a ServerError naming the
+  URL and the fix. Other HTTP errors fail at once with the server's message.
+- While an expand runs, the server's /metrics is sampled (server_metrics.Monitor); `observe(root)`
+  returns that expand's measured KV peak and prefix-cache delta. These are server-wide figures:
+  with several problems in flight on one server they cover all of them (`problems_on_server`
+  says how many there were).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import httpx
+
+from ets.config import SamplingConfig
+from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step
+from ets.engines.server_metrics import SGLANG, VLLM, Monitor
+from ets.tree import Node
+
+FLAVOURS = (VLLM, SGLANG)
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+FIX_HINT = ("Is the server running and reachable? Start one with `ets serve` (vLLM) or check its "
+            "log, or drop this URL from --policy. Finished problems are kept in the run directory, "
+            "so rerunning the same command resumes.")
+
+
+class ServerError(RuntimeError):
+    """A server could not answer a request (after retries, where retrying made sense)."""
+
+
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """'http://a:8000,http://b:8000' or a list -> base URLs without a trailing '/' or '/v1'."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = []
+    for u in items:
+        u = u.strip().rstrip("/")
+        if u.endswith("/v1"):
+            u = u[:-3]
+        if u:
+            out.append(u)
+    if not out:
+        raise ValueError("no server URL given")
+    return out
+
+
+async def request_with_retries(client: httpx.AsyncClient, method: str, url: str, *, json=None,
+                               retries: int, backoff_s: float, max_backoff_s: float,
+                               timeout_s: float, counters: dict | None = None) -> dict:
+    """Send one JSON request; retry transient failures `retries` times with exponential backoff
+    (backoff_s * 2**attempt, capped at max_backoff_s). Returns the decoded JSON body."""
+    last = ""
+    for attempt in range(retries + 1):
+        try:
+            r = await client.request(method, url, json=json, timeout=timeout_s)
+        except httpx.TransportError as e:  # refused, reset, timeouts, protocol errors
+            last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        else:
+            if r.status_code < 400:
+                try:
+                    return r.json()
+                except ValueError as e:
+                    raise ServerError(f"{url} answered with invalid JSON: {r.text[:300]!r}") from e
+            if r.status_code not in TRANSIENT_STATUS:
+                raise ServerError(f"{url} answered HTTP {r.status_code}: {r.text[:500]}")
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        if attempt == retries:
+            break
+        if counters is not None:
+            counters["retries"] = counters.get("retries", 0) + 1
+        await asyncio.sleep(min(max_backoff_s, backoff_s * 2 ** attempt))
+    raise ServerError(f"{url} failed after {retries + 1} tries ({last}). {FIX_HINT}")
+
+
+@dataclass(eq=False)
+class _Server:
+    url: str
+    problems: int = 0  # problems routed here and not finished
+    down: bool = False  # the last request failed for good; avoided by new problems while others live
+    model: str | None = None
+    monitor: Monitor | None = None
+    counters: dict = field(default_factory=lambda: {"requests": 0, "retries": 0, "failures": 0,
+                                                    "prompt_tokens": 0, "completion_tokens": 0,
+                                                    "cached_tokens": 0, "problems": 0})
+
+
+@dataclass(eq=False)
+class _Problem:
+    server: _Server
+    open: int = 1  # nodes that may still be expanded: the root to begin with
+    released: set = field(default_factory=set)
+    done: bool = False
+
+
+class ServerPolicy(Policy):
+    name = "server"
+
+    def __init__(self, urls: str | Sequence[str], model: str | None = None,
+                 tokenizer_path: str | Path | None = None, max_concurrency: int = 64,
+                 timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
+                 max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
+                 metrics_interval_s: float = 0.1):
+        """urls: one base URL, a comma-separated string, or a list (one per server).
+        model: the name the servers serve (None: asked from /v1/models, per server).
+        tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
+        folder, as it is for a server started by `ets serve`).
+        max_concurrency: HTTP requests in flight per server. timeout_s: per request.
+        retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
+        measure: sample /metrics during each expand (metrics_interval_s apart)."""
+        if flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+        if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or metrics_interval_s <= 0:
+            raise ValueError("max_concurrency >= 1, retries >= 0, timeout_s > 0, metrics_interval_s > 0")
+        self.flavour, self.model, self.tokenizer_path = flavour, model, tokenizer_path
+        self.max_concurrency, self.timeout_s, self.retries = max_concurrency, timeout_s, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.measure, self.metrics_interval_s = measure, metrics_interval_s
+        self.servers = [_Server(u) for u in split_urls(urls)]
+        self.name = f"server:{flavour}"
+        self._tok = None
+        self._problems: weakref.WeakKeyDictionary[Node, _Problem] = weakref.WeakKeyDictionary()
+        self._obs: weakref.WeakKeyDictionary[Node, dict] = weakref.WeakKeyDictionary()
+        self._loop = None  # the event loop the client and semaphores belong to
+        self._client: httpx.AsyncClient | None = None
+        self._sems: dict[str, asyncio.Semaphore] = {}
+
+    # ---- prompt -------------------------------------------------------------------------
+
+    def _tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            path = self.tokenizer_path
+            if path is None:
+                model = self.model or self._model_name_sync(self.servers[0])
+                if not Path(model).is_dir():
+                    raise ValueError(f"the server serves {model!r}, which is not a local folder: pass "
+                                     "tokenizer_path= (a folder with that model's tokenizer)")
+                path = model
+            self._tok = AutoTokenizer.from_pretrained(str(path))
+            self.eos_token_id = self._tok.eos_token_id
+        return self._tok
+
+    def format_prompt(self, question: str) -> tuple[list[int], str]:
+        tok = self._tokenizer()
+        text = tok.apply_chat_template([{"role": "user", "content": question}],
+                                       add_generation_prompt=True, tokenize=False)
+        # The template already holds any BOS it wants: add no special tokens a second time.
+        return list(tok(text, add_special_tokens=False)["input_ids"]), text
+
+    def _model_name_sync(self, server: _Server) -> str:
+        try:
+            r = httpx.get(f"{server.url}/v1/models", timeout=30)
+            r.raise_for_status()
+            return r.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            raise ServerError(f"{server.url}/v1/models did not name a model ({e}). {FIX_HINT}") from e
+
+    # ---- event-loop bound resources ---------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        """httpx clients, semaphores and monitors belong to one event loop; a new loop (e.g. a
+        second asyncio.run) gets fresh ones."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        self._loop = loop
+        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
+        self._sems = {s.url: asyncio.Semaphore(self.max_concurrency) for s in self.servers}
+        for s in self.servers:
+            if self.measure:
+                s.monitor = Monitor(f"{s.url}/metrics", self.flavour, self.metrics_interval_s, self._get_text)
+
+    async def _get_text(self, url: str) -> str:
+        r = await self._client.get(url, timeout=min(10.0, self.timeout_s))
+        r.raise_for_status()
+        return r.text
+
+    async def _request(self, server: _Server, method: str, path: str, payload=None) -> dict:
+        async with self._sems[server.url]:
+            server.counters["requests"] += 1
+            return await request_with_retries(
+                self._client, method, f"{server.url}{path}", json=payload, retries=self.retries,
+                backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s, timeout_s=self.timeout_s,
+                counters=server.counters)
+
+    async def _model_name(self, server: _Server) -> str | None:
+        if self.model is not None:
+            return self.model
+        if server.model is None and self.flavour == VLLM:
+            body = await self._request(server, "GET", "/v1/models")
+            server.model = body["data"][0]["id"]
+        return server.model
+
+    # ---- routing ------------------------------------------------------------------------
+
+    def _problem(self, root: Node) -> _Problem:
+        prob = self._problems.get(root)
+        if prob is None:
+            live = [s for s in self.servers if not s.down] or self.servers
+            server = min(live, key=lambda s: s.problems)  # ties: the first listed
+            server.problems += 1
+            server.counters["problems"] += 1
+            prob = _Problem(server)
+            self._problems[root] = prob
+            weakref.finalize(root, self._finish, prob)  # a dropped tree frees its slot
+        return prob
+
+    @staticmethod
+    def _finish(prob: _Problem) -> None:
+        if not prob.done:
+            prob.done = True
+            prob.server.problems -= 1
+
+    def release(self, nodes: Iterable[Node]) -> None:
+        """Bookkeeping only (the server frees KV itself): a problem whose open nodes are all
+        released has finished and no longer counts against its server."""
+        for node in nodes:
+            root = node
+            while root.parent is not None:
+                root = root.parent
+            prob = self._problems.get(root)
+            if prob is None or prob.done or node.id in prob.released:
+                continue
+            prob.released.add(node.id)
+            prob.open -= 1
+            if prob.open <= 0:
+                self._finish(prob)
+
+    # ---- expand -------------------------------------------------------------------------
+
+    async def expand(self, requests: Sequence[Expansion], sampling: SamplingConfig) -> list[list[Step]]:
+        self._bind_loop()
+        by_root: dict[Node, list[int]] = {}
+        for i, req in enumerate(requests):
+            root = req.node
+            while root.parent is not None:
+                root = root.parent
+            by_root.setdefault(root, []).append(i)
+        out: list[list[Step] | None] = [None] * len(requests)
+
+        async def one_problem(root: Node, idx: list[int]) -> None:
+            prob = self._problem(root)
+            prob.open += sum(requests[i].n for i in idx) - len({id(requests[i].node) for i in idx})
+            steps = await self._expand_problem(prob, root, [requests[i] for i in idx], sampling)
+            for i, s in zip(idx, steps):
+                out[i] = s
+
+        results = await asyncio.gather(*(one_problem(r, idx) for r, idx in by_root.items()),
+                                       return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+        return out  # type: ignore[return-value]
+
+    async def _expand_problem(self, prob: _Problem, root: Node, reqs: list[Expansion],
+                              sampling: SamplingConfig) -> list[list[Step]]:
+        server = prob.server
+        window = await server.monitor.open() if server.monitor else None
+        try:
+            steps = await asyncio.gather(*(self._sample(server, r.node, r.n, sampling) for r in reqs))
+        except ServerError:
+            server.down = True
+            server.counters["failures"] += 1
+            self._finish(prob)  # this problem fails; the server slot is free again
+            raise
+        finally:
+            obs = await server.monitor.close(window) if window is not None else {}
+        server.down = False
+        obs.update(server=server.url, problems_on_server=server.problems, requests=len(reqs))
+        self._obs[root] = obs
+        return list(steps)
+
+    async def _sample(self, server: _Server, node: Node, n: int, sampling: SamplingConfig) -> list[Step]:
+        ids = node.path_token_ids()
+        model = await self._model_name(server)
+        if self.flavour == VLLM:
+            payload = {"prompt": ids, "n": n, "max_tokens": sampling.max_step_tokens,
+                       "temperature": sampling.temperature, "top_p": sampling.top_p,
+                       "stop": [sampling.step_delimiter], "include_stop_str_in_output": True,
+                       "logprobs": 0, "return_token_ids": True}
+            if model is not None:
+                payload["model"] = model
+            body = await self._request(server, "POST", "/v1/completions", payload)
+            steps = self._parse_vllm(server, body, sampling)
+        else:
+            payload = {"input_ids": ids, "return_logprob": True,
+                       "sampling_params": {"n": n, "max_new_tokens": sampling.max_step_tokens,
+                                           "temperature": sampling.temperature, "top_p": sampling.top_p,
+                                           "stop": [sampling.step_delimiter], "no_stop_trim": True}}
+            body = await self._request(server, "POST", "/generate", payload)
+            steps = self._parse_sglang(server, body, sampling, len(ids))
+        if len(steps) != n:
+            raise ServerError(f"{server.url} returned {len(steps)} samples for node {node.id}, asked for {n}")
+        return steps
+
+    def _parse_vllm(self, server: _Server, body: dict, sampling: SamplingConfig) -> list[Step]:
+        usage = body.get("usage") or {}
+        server.counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+        server.counters["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        steps = []
+        for c in sorted(body.get("choices", []), key=lambda c: c.get("index", 0)):
+            ids = c.get("token_ids")
+            if ids is None:
+                raise ServerError(f"{server.url} returned no token ids: it needs a vLLM with "
+                                  "`return_token_ids` (0.10 or later)")
+            fr, sr = c.get("finish_reason"), c.get("stop_reason")
+            if fr == "length":
+                reason = LENGTH
+            elif fr == "stop":
+                # a matched stop string comes back as that string; EOS/stop tokens as None or an int
+                reason = DELIMITER if sr == sampling.step_delimiter else EOS
+            else:
+                raise ServerError(f"{server.url} ended a sample with finish_reason={fr!r}")
+            lp = (c.get("logprobs") or {}).get("token_logprobs")
+            lp = tuple(float(x) for x in lp) if lp and len(lp) == len(ids) and None not in lp else None
+            steps.append(Step(tuple(int(t) for t in ids), c.get("text", ""), reason, lp))
+        return steps
+
+    def _parse_sglang(self, server: _Server, body, sampling: SamplingConfig, n_prompt: int) -> list[Step]:
+        items = body if isinstance(body, list) else [body]  # n == 1 answers one object
+        server.counters["prompt_tokens"] += n_prompt
+        steps = []
+        for item in items:
+            meta = item.get("meta_info") or {}
+            server.counters["completion_tokens"] += int(meta.get("completion_tokens") or 0)
+            server.counters["cached_tokens"] += int(meta.get("cached_tokens") or 0)
+            lps = meta.get("output_token_logprobs")  # [[logprob, token_id, text|None], ...]
+            ids = item.get("output_ids")
+            if ids is None and lps is not None:
+                ids = [e[1] for e in lps]
+            if ids is None:
+                raise ServerError(f"{server.url} returned no output token ids (output_ids / "
+                                  "meta_info.output_token_logprobs)")
+            fin = meta.get("finish_reason") or {}
+            kind = fin.get("type") if isinstance(fin, dict) else fin
+            if kind == "length":
+                reason = LENGTH
+            elif kind == "stop":
+                reason = DELIMITER if fin.get("matched") == sampling.step_delimiter else EOS
+            else:
+                raise ServerError(f"{server.url} ended a sample with finish_reason={fin!r}")
+            lp = tuple(float(e[0]) for e in lps) if lps and len(lps) == len(ids) else None
+            steps.append(Step(tuple(int(t) for t in ids), item.get("text", ""), reason, lp))
+        return steps
+
+    # ---- measurements -------------------------------------------------------------------
+
+    def observe(self, root: Node) -> dict:
+        """The server's figures for `root`'s latest expand: kv_tokens_peak (KV tokens held by
+        running requests, sampled from /metrics while it ran), kv_capacity_tokens, prefix_hits /
+        prefix_queries / prefix_hit_rate (prompt tokens, counter deltas over the expand), the
+        server's URL and how many problems it had in flight (all figures are server-wide)."""
+        return dict(self._obs.get(root, {}))
+
+    def stats(self) -> dict:
+        per = {}
+        totals = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        hits = queries = 0
+        kv_peak = None
+        for s in self.servers:
+            m = s.monitor.totals() if s.monitor else {}
+            per[s.url] = {**s.counters, **m}
+            for k in totals:
+                totals[k] += s.counters[k]
+            if m.get("prefix_queries") is not None:
+                hits += m["prefix_hits"]
+                queries += m["prefix_queries"]
+            if m.get("kv_tokens_peak") is not None:
+                kv_peak = max(kv_peak or 0, m["kv_tokens_peak"])
+        return {**totals, "server_prefix_hits": hits, "server_prefix_queries": queries,
+                "server_prefix_hit_rate": hits / queries if queries else None,
+                # prompt tokens the engines computed rather than took from their prefix cache
+                "prefilled_tokens": queries - hits if queries else None,
+                "server_kv_tokens_peak": kv_peak, "servers": per}
+
+    async def aclose(self) -> None:
+        for s in self.servers:
+            if s.monitor is not None:
+                await s.monitor.stop()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client, self._loop = None, None
