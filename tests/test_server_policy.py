@@ -1,0 +1,238 @@
+"""ServerPolicy against stand-in servers on 127.0.0.1 speaking vLLM's and SGLang's protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from ets.config import SamplingConfig, SearchConfig
+from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion
+from ets.engines.server import ServerError, ServerPolicy, split_urls
+from ets.engines.server_metrics import parse_prometheus, snapshot
+from ets.prm.mock import MockPRM
+from ets.search import SearchResult, search
+from ets.tree import Tree
+
+SAMPLING = SamplingConfig(max_step_tokens=8)
+
+
+def _choice(prompt: list[int], k: int) -> dict:
+    """Deterministic sample k of a prompt: 3 tokens + the delimiter, or EOS, or a length cap."""
+    h = int.from_bytes(hashlib.blake2b(repr((prompt, k)).encode(), digest_size=4).digest(), "little")
+    ids = [100 + h % 50, 200 + h % 7, 300 + k]
+    kind = k % 3
+    if kind == 0:
+        return {"index": k, "text": f"step{h % 9} \n\n", "token_ids": ids + [198, 198],
+                "finish_reason": "stop", "stop_reason": "\n\n",
+                "logprobs": {"token_logprobs": [-0.5] * 5, "tokens": ["x"] * 5}}
+    if kind == 1:
+        return {"index": k, "text": "done", "token_ids": ids + [2], "finish_reason": "stop",
+                "stop_reason": None, "logprobs": {"token_logprobs": [-0.25] * 4}}
+    return {"index": k, "text": "long", "token_ids": ids * 3, "finish_reason": "length",
+            "stop_reason": None, "logprobs": {"token_logprobs": [-1.0] * 9}}
+
+
+class FakeVLLM:
+    """/v1/models, /v1/completions and /metrics, with prefix-cache counters that grow."""
+
+    def __init__(self, fail_first: int = 0, status: int = 503, delimiter_only: bool = False):
+        self.fail_first, self.status, self.delimiter_only = fail_first, status, delimiter_only
+        self.hits = self.queries = 0
+
+    def __call__(self, method, path, body):
+        if path == "/v1/models":
+            return 200, {"data": [{"id": "fake-model"}]}
+        if path == "/metrics":
+            return 200, (
+                "# HELP vllm:prefix_cache_hits_total x\n"
+                f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {self.hits}.0\n'
+                f'vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {self.queries}.0\n'
+                'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+                'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1.0\n')
+        if path == "/v1/completions":
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return self.status, {"error": "busy"}
+            prompt = body["prompt"]
+            self.queries += len(prompt) * body["n"]
+            self.hits += (len(prompt) // 16) * 16 * (body["n"] - 1)
+            choices = [_choice(prompt, 0 if self.delimiter_only else k) | {"index": k}
+                       for k in range(body["n"])]
+            return 200, {"choices": choices, "usage": {"prompt_tokens": len(prompt),
+                                                       "completion_tokens": 5 * body["n"]}}
+        return 404, {"error": path}
+
+
+def _expand(policy, requests, sampling=SAMPLING):
+    async def go():
+        try:
+            return await policy.expand(requests, sampling)
+        finally:
+            await policy.aclose()
+    return asyncio.run(go())
+
+
+def test_split_urls():
+    assert split_urls("http://a:1/v1/, http://b:2") == ["http://a:1", "http://b:2"]
+    with pytest.raises(ValueError):
+        split_urls(" , ")
+
+
+def test_request_format_children_and_token_ids(stand_in):
+    fake = FakeVLLM()
+    srv = stand_in(fake)
+    tree = Tree([5, 6, 7], "prompt")
+    child = tree.add_child(tree.root, [8, 9], "a\n\n", DELIMITER)
+    policy = ServerPolicy(srv.url, metrics_interval_s=0.01)
+    steps = _expand(policy, [Expansion(child, 3), Expansion(tree.root, 1)])
+    posts = srv.posts("/v1/completions")
+    assert len(posts) == 2  # one request per expanded node, n children each
+    by_n = {p["n"]: p for p in posts}
+    body = by_n[3]
+    assert body["prompt"] == [5, 6, 7, 8, 9]  # the node's whole path, as token ids
+    assert body["model"] == "fake-model"  # asked from /v1/models
+    assert body["stop"] == ["\n\n"] and body["include_stop_str_in_output"] is True
+    assert body["logprobs"] == 0 and body["return_token_ids"] is True
+    assert body["max_tokens"] == 8 and body["temperature"] == 1.0
+    assert by_n[1]["prompt"] == [5, 6, 7]
+    assert [len(s) for s in steps] == [3, 1]
+    d, e, l = steps[0]
+    assert (d.stop_reason, e.stop_reason, l.stop_reason) == (DELIMITER, EOS, LENGTH)
+    assert d.token_ids == tuple(_choice([5, 6, 7, 8, 9], 0)["token_ids"]) and d.token_ids[-2:] == (198, 198)
+    assert d.logprobs == (-0.5,) * 5 and e.token_ids[-1] == 2 and len(l.token_ids) == 9
+
+
+def test_retries_transient_then_succeeds(stand_in):
+    fake = FakeVLLM(fail_first=2, status=503)
+    srv = stand_in(fake)
+    tree = Tree([1, 2], "p")
+    policy = ServerPolicy(srv.url, model="m", retries=3, backoff_s=0.01, measure=False)
+    steps = _expand(policy, [Expansion(tree.root, 2)])
+    assert len(steps[0]) == 2
+    assert len(srv.posts("/v1/completions")) == 3
+    assert policy.stats()["retries"] == 2
+
+
+def test_non_transient_error_fails_at_once(stand_in):
+    srv = stand_in(FakeVLLM(fail_first=5, status=400))
+    policy = ServerPolicy(srv.url, model="m", retries=3, backoff_s=0.01, measure=False)
+    with pytest.raises(ServerError, match="HTTP 400"):
+        _expand(policy, [Expansion(Tree([1], "p").root, 1)])
+    assert len(srv.posts("/v1/completions")) == 1
+
+
+def test_server_down_gives_clear_error(stand_in):
+    srv = stand_in(FakeVLLM())
+    url = srv.url
+    srv.close()  # nothing listens there any more
+    policy = ServerPolicy(url, model="m", retries=2, backoff_s=0.01, measure=False)
+    with pytest.raises(ServerError) as err:
+        _expand(policy, [Expansion(Tree([1], "p").root, 1)])
+    msg = str(err.value)
+    assert url in msg and "3 tries" in msg and "ets serve" in msg
+
+
+def _search_many(policy, questions, cfg):
+    async def go():
+        try:
+            return await asyncio.gather(*(search(q, policy, MockPRM(), cfg) for q in questions))
+        finally:
+            await policy.aclose()
+    return asyncio.run(go())
+
+
+def _cfg(**kw):
+    return SearchConfig(strategy="ets", width=4, max_tokens=40, sampling=SAMPLING,
+                        strategy_params={"embedder": "hash"}, **kw)
+
+
+def test_problems_are_routed_and_balanced_across_servers(stand_in):
+    a, b = stand_in(FakeVLLM(delimiter_only=True)), stand_in(FakeVLLM(delimiter_only=True))
+    policy = ServerPolicy([a.url, b.url], model="m", metrics_interval_s=0.01)
+    questions = [f"q{i}" for i in range(4)]
+    policy.format_prompt = lambda q: ([1000 + int(q[1:]), 1], q)  # first token names the problem
+    results = _search_many(policy, questions, _cfg())
+    assert all(isinstance(r, SearchResult) and r.trace for r in results)
+    seen = {}
+    for srv in (a, b):
+        problems = {p["prompt"][0] for p in srv.posts("/v1/completions")}
+        for p in problems:
+            assert p not in seen, "a problem's requests went to two servers"
+            seen[p] = srv.url
+    assert sorted(seen) == [1000, 1001, 1002, 1003]
+    assert sorted(list(seen.values()).count(s.url) for s in (a, b)) == [2, 2]
+    # every problem finished: no server still counts one in flight
+    assert [s.problems for s in policy.servers] == [0, 0]
+    # per-step engine figures are in the trace
+    engine = results[0].trace[1].engine
+    assert engine["server"] in (a.url, b.url)
+    assert engine["kv_tokens_peak"] == 400  # 0.25 x 100 blocks x 16
+    assert engine["kv_capacity_tokens"] == 1600
+    assert engine["prefix_queries"] > 0 and engine["prefix_hits"] >= 0
+
+
+def test_observe_single_problem_matches_counters(stand_in):
+    fake = FakeVLLM(delimiter_only=True)
+    srv = stand_in(fake)
+    policy = ServerPolicy(srv.url, model="m", metrics_interval_s=0.01)
+    policy.format_prompt = lambda q: (list(range(40)), q)
+    (res,) = _search_many(policy, ["q"], _cfg())
+    total_hits = sum(t.engine["prefix_hits"] for t in res.trace)
+    total_queries = sum(t.engine["prefix_queries"] for t in res.trace)
+    assert total_queries == fake.queries and total_hits == fake.hits > 0
+    st = policy.stats()
+    assert st["server_prefix_hits"] == fake.hits and st["prefilled_tokens"] == fake.queries - fake.hits
+    assert st["requests"] == len(srv.posts("/v1/completions"))
+
+
+def test_sglang_flavour(stand_in):
+    def handler(method, path, body):
+        if path == "/metrics":
+            return 200, ("sglang:num_used_tokens 120\nsglang:max_total_num_tokens 1000\n"
+                         "sglang:cached_tokens_total 64\nsglang:prompt_tokens_total 100\n")
+        if path != "/generate":
+            return 404, {}
+        sp = body["sampling_params"]
+        out = []
+        for k in range(sp["n"]):
+            if k == 0:
+                fin, ids = {"type": "stop", "matched": "\n\n"}, [11, 12, 198, 198]
+            elif k == 1:
+                fin, ids = {"type": "stop", "matched": 2}, [13, 2]
+            else:
+                fin, ids = {"type": "length", "length": 3}, [14, 15, 16]
+            out.append({"text": "t", "meta_info": {
+                "finish_reason": fin, "completion_tokens": len(ids), "cached_tokens": 32,
+                "output_token_logprobs": [[-0.1, t, None] for t in ids]}})
+        return 200, out if sp["n"] > 1 else out[0]
+
+    srv = stand_in(handler)
+    tree = Tree([7, 8, 9], "p")
+    policy = ServerPolicy(srv.url, flavour="sglang", metrics_interval_s=0.01)
+    steps = _expand(policy, [Expansion(tree.root, 3)])
+    (body,) = srv.posts("/generate")
+    assert body["input_ids"] == [7, 8, 9] and body["return_logprob"] is True
+    assert body["sampling_params"]["n"] == 3 and body["sampling_params"]["no_stop_trim"] is True
+    assert body["sampling_params"]["stop"] == ["\n\n"] and body["sampling_params"]["max_new_tokens"] == 8
+    assert [s.stop_reason for s in steps[0]] == [DELIMITER, EOS, LENGTH]
+    assert steps[0][0].token_ids == (11, 12, 198, 198) and steps[0][0].logprobs == (-0.1,) * 4
+    assert policy.observe(tree.root)["kv_tokens_peak"] == 120
+    assert policy.servers[0].counters["cached_tokens"] == 96
+
+
+def test_prometheus_parser_and_vllm_snapshot():
+    text = ('# TYPE x counter\nvllm:prefix_cache_hits_total{engine="0",model_name="a b"} 12.0\n'
+            'vllm:prefix_cache_hits_total{engine="1"} 8\n'
+            'vllm:prefix_cache_queries_total{engine="0"} 40\n'
+            'vllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.25\n'
+            'vllm:cache_config_info{block_size="128",engine="0",num_gpu_blocks="10"} 1\n'
+            'vllm:cache_config_info{block_size="128",engine="1",num_gpu_blocks="20"} 1\n'
+            'garbage line\n')
+    samples = parse_prometheus(text)
+    assert samples[0].labels == {"engine": "0", "model_name": "a b"} and samples[0].value == 12.0
+    snap = snapshot(text)
+    assert snap.prefix_hits == 20 and snap.prefix_queries == 40
+    assert snap.kv_capacity_tokens == 30 * 128
+    assert snap.kv_used_tokens == 0.5 * 1280 + 0.25 * 2560
