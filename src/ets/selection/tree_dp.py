@@ -3,12 +3,14 @@
 Given a value per candidate leaf and a cost per node, the best non-empty set of leaves, paying
 every node on the kept paths once, is a bottom-up DP:
 
-    f(leaf) = value(leaf)
+    f(leaf) = value(leaf) - cost(leaf)
     f(b)    = -cost(b) + (sum of positive f(child))  if any child is positive
                          else max f(child)           (b is kept, so at least one child is)
 
-f(root) is the optimum (the root is on every path). Levels are processed deepest first, so each
-level is a handful of vectorised calls (bincount / maximum.at) rather than a Python loop.
+f(root) is the optimum (the root is on every path). Invariants the layout relies on: all leaves
+(candidates) sit at the deepest level, and every other node has at least one child, so level d
+is exactly the set of parents of level d+1. Each level's children are stored sorted by parent,
+so one `reduceat` per level gives every parent's max and positive sum.
 """
 
 from __future__ import annotations
@@ -18,40 +20,44 @@ import numpy as np
 
 class TreeDP:
     def __init__(self, parent: np.ndarray, depth: np.ndarray, n_leaves: int):
-        self.parent, self.n = parent, n_leaves
-        self.size = len(parent)
+        self.n, self.size = n_leaves, len(parent)
         top = int(depth.max())
         if np.any(depth[:n_leaves] != top):
             raise ValueError("all candidates must be at the same (deepest) depth")
-        self.levels = [np.flatnonzero(depth == d) for d in range(top + 1)]
-        self.root = int(self.levels[0][0])
+        self.root = int(np.flatnonzero(depth == 0)[0])
+        self.levels = []  # per depth 1..top: (children sorted by parent, segment starts, segment parents)
+        for d in range(1, top + 1):
+            ch = np.flatnonzero(depth == d)
+            ch = ch[np.argsort(parent[ch], kind="stable")]
+            par = parent[ch]
+            starts = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
+            self.levels.append((ch, starts, par[starts], np.diff(np.r_[starts, len(ch)])))
 
     def solve(self, leaf_value: np.ndarray, cost: np.ndarray) -> tuple[float, np.ndarray]:
         """(optimal value, [n_leaves] bool selection). leaf_value may hold -inf (forbidden)."""
         val = np.empty(self.size)
         val[: self.n] = leaf_value - cost[: self.n]
-        pos = np.zeros(self.size)
-        best = np.full(self.size, -np.inf)
-        for d in range(len(self.levels) - 2, -1, -1):
-            ch = self.levels[d + 1]
-            par = self.parent[ch]
-            pos += np.bincount(par, weights=np.maximum(val[ch], 0.0), minlength=self.size)
-            np.maximum.at(best, par, val[ch])
-            nd = self.levels[d]
-            val[nd] = -cost[nd] + np.where(pos[nd] > 0, pos[nd], best[nd])
+        seg_pos, seg_best = [], []
+        for ch, starts, seg_par, _ in reversed(self.levels):
+            v = val[ch]
+            best = np.maximum.reduceat(v, starts)
+            pos = np.add.reduceat(np.maximum(v, 0.0), starts)
+            val[seg_par] = -cost[seg_par] + np.where(pos > 0, pos, best)
+            seg_pos.append(pos)
+            seg_best.append(best)
         root_val = float(val[self.root])
         keep = np.zeros(self.size, bool)
         keep[self.root] = np.isfinite(root_val)
-        for d in range(1, len(self.levels)):
-            ch = self.levels[d]
-            par = self.parent[ch]
-            live = keep[par]
-            take = live & (pos[par] > 0) & (val[ch] > 0)
-            # parents with no positive child keep exactly one child: the first argmax
-            argmax = live & (pos[par] <= 0) & (val[ch] == best[par]) & np.isfinite(val[ch])
-            if argmax.any():
-                idx = np.flatnonzero(argmax)
-                _, first = np.unique(par[idx], return_index=True)
-                take[idx[first]] = True
+        for (ch, starts, seg_par, lens), pos, best in zip(self.levels, reversed(seg_pos), reversed(seg_best)):
+            v = val[ch]
+            live = np.repeat(keep[seg_par], lens)
+            any_pos = np.repeat(pos > 0, lens)
+            take = live & any_pos & (v > 0)
+            # a kept parent with no positive child keeps exactly one child: its first argmax
+            is_max = live & ~any_pos & (v == np.repeat(best, lens)) & np.isfinite(v)
+            if is_max.any():
+                before = np.cumsum(is_max) - is_max  # maxima strictly before each position
+                first = is_max & (before == np.repeat(before[starts], lens))
+                take |= first
             keep[ch] = take
         return root_val, keep[: self.n]

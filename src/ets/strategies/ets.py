@@ -30,7 +30,7 @@ class ETSConfig(StrategyConfig):
     cluster_threshold: float = 0.05
     node_cost: str = "nodes"  # "nodes": uniform 1/(M+N) (reference); "tokens": tokens / total
     kv_budget: int | None = None  # hard cap on kept tokens (prompt included); None = off
-    solver: str = "auto"  # "auto" (exact tree algorithm, HiGHS fallback) | "exact" | "milp"
+    solver: str = "auto"  # "auto" (tree DP where exact, else fixing + HiGHS) | "milp" (HiGHS only)
     embedder: str = "minilm"  # "minilm" (default, offline) | "hash" (deterministic, no model)
 
     @classmethod
@@ -49,8 +49,8 @@ class ETSConfig(StrategyConfig):
             raise ValueError(f"node_cost must be 'nodes' or 'tokens', got {self.node_cost!r}")
         if self.kv_budget is not None and self.kv_budget < 1:
             raise ValueError(f"kv_budget must be a positive number of tokens, got {self.kv_budget}")
-        if self.solver not in ("auto", "exact", "milp"):
-            raise ValueError(f"solver must be auto, exact or milp, got {self.solver!r}")
+        if self.solver not in ("auto", "milp"):
+            raise ValueError(f"solver must be 'auto' or 'milp', got {self.solver!r}")
 
 
 def ets_select(scores, candidates, remaining: int, config: ETSConfig, labels) -> tuple[list[int], dict]:
@@ -61,7 +61,7 @@ def ets_select(scores, candidates, remaining: int, config: ETSConfig, labels) ->
                             config.node_cost, config.kv_budget)
     sol = solve(problem, config.solver)
     alloc = rebase_allocate(scores, remaining, config.softmax_temperature, keep=sol.keep)
-    info = {"objective": sol.objective, "solver": sol.solver, "bnb_nodes": sol.nodes,
+    info = {"objective": sol.objective, "solver": sol.solver, "fixed": sol.fixed,
             "num_clusters": problem.num_clusters, "rebase_alloc": rebase,
             "kept_nodes": int(problem.kept_nodes(sol.keep).sum())}
     return alloc, info
