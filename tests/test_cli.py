@@ -156,3 +156,38 @@ def test_serve_delegates(monkeypatch):
     monkeypatch.setitem(sys.modules, "ets.serve", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
     assert cli.main(["serve", "--port", "8000"]) == 0
     assert seen == [["--port", "8000"]]
+
+
+def test_factory_dispatch(monkeypatch):
+    import ets.factory as f
+
+    calls = []
+
+    def fake(name, accepts_policy=False):
+        if accepts_policy:
+            def ctor(policy=None):
+                calls.append((name, (), {"policy": policy}))
+                return name
+        else:
+            def ctor(*args, seed=None):
+                calls.append((name, args, {"seed": seed}))
+                return name
+        return ctor
+
+    monkeypatch.setitem(sys.modules, "ets.engines.hf", types.SimpleNamespace(load_policy=fake("hf")))
+    monkeypatch.setitem(sys.modules, "ets.engines.server", types.SimpleNamespace(ServerPolicy=fake("server")))
+    monkeypatch.setitem(sys.modules, "ets.prm.math_shepherd", types.SimpleNamespace(MathShepherdPRM=fake("ms")))
+    monkeypatch.setitem(sys.modules, "ets.prm.served", types.SimpleNamespace(ServedPRM=fake("served")))
+    monkeypatch.setitem(sys.modules, "ets.prm.default", types.SimpleNamespace(DefaultPRM=fake("dp", True)))
+    assert f.make_policy("default", seed=1, device="cpu") == "hf"
+    assert f.make_policy("/models/x.gguf", seed=1) == "hf"
+    assert f.make_policy("http://a:1, http://b:2", seed=1) == "server"
+    assert f.make_prm("math-shepherd:/m", None, seed=2) == "ms"
+    assert f.make_prm("https://prm:9", None) == "served"
+    assert f.make_prm("default", "POLICY", seed=2) == "dp"
+    assert calls == [("hf", (None,), {"seed": 1}), ("hf", ("/models/x.gguf",), {"seed": 1}),
+                     ("server", (["http://a:1", "http://b:2"],), {"seed": 1}), ("ms", ("/m",), {"seed": 2}),
+                     ("served", ("https://prm:9",), {"seed": None}), ("dp", (), {"policy": "POLICY"})]
+    assert type(f.make_policy("mock", seed=5)).__name__ == "MockPolicy"
+    with pytest.raises(f.SpecError, match="unknown PRM spec"):
+        f.make_prm("nonsense", None)

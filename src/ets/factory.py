@@ -6,7 +6,7 @@
         "http://..." (comma list) -> ets.engines.server.ServerPolicy(urls, **opts)
         anything else (dir/GGUF)  -> ets.engines.hf.load_policy(spec, **opts)
     make_prm(spec, policy, **opts)
-        None | "default"          -> ets.prm.default.DefaultPRM(policy)
+        None | "default"          -> ets.prm.default.DefaultPRM()  (given `policy` if it takes one)
         "mock"                    -> ets.prm.mock.MockPRM(seed=opts["seed"])
         "math-shepherd:PATH"      -> ets.prm.math_shepherd.MathShepherdPRM(PATH)
         "qwen-prm:PATH"           -> ets.prm.qwen_prm.QwenPRM(PATH)
@@ -66,9 +66,9 @@ def make_policy(spec: str | None, **opts):
 
 def make_prm(spec: str | None, policy=None, **opts):
     if spec in (None, "", "default"):
-        if policy is None:
-            raise SpecError("the default PRM is derived from the policy; build the policy first")
-        return _call("ets.prm.default.DefaultPRM", policy, **opts)
+        # the default PRM reads the policy's token log-probs from the tree; a version that
+        # wants the policy object itself gets it by keyword
+        return _call("ets.prm.default.DefaultPRM", **opts, **({"policy": policy} if policy is not None else {}))
     if spec == "mock":
         return _call("ets.prm.mock.MockPRM", **opts)
     if _is_url(spec):
