@@ -58,8 +58,8 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
 
     Needs every node cost >= 0 (not the lambda_c == 0 guard, where nothing is fixed). F = fixed
     in, P(F) = their path nodes; until nothing changes:
-    - in:  O_i > cost of i's path outside P(F): adding i to any selection containing F gains at
-           least that much, so every optimum contains i;
+    - in:  O_i >= cost of i's path outside P(F): adding i to any optimum containing F loses
+           nothing, so some optimum contains i (ties go to keeping, as in the DP);
     - out: i's cluster is covered by F (or there is no coverage term) and O_i <= cost_i (its own
            leaf, never shared): adding i never helps;
     - out: zero weight and a same-parent, same-cluster twin: the two are interchangeable, and
@@ -82,7 +82,7 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
         free = np.flatnonzero(~f_in & ~f_out)
         rows = paths[free]
         marginal = (p.cost[rows] * ~kept[rows]).sum(axis=1)
-        new_in = free[p.outcome[free] > marginal]
+        new_in = free[p.outcome[free] >= marginal]
         if len(new_in):
             f_in[new_in] = True
             kept[paths[new_in].ravel()] = True

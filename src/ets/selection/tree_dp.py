@@ -4,8 +4,11 @@ Given a value per candidate leaf and a cost per node, the best non-empty set of 
 every node on the kept paths once, is a bottom-up DP:
 
     f(leaf) = value(leaf) - cost(leaf)
-    f(b)    = -cost(b) + (sum of positive f(child))  if any child is positive
-                         else max f(child)           (b is kept, so at least one child is)
+    f(b)    = -cost(b) + (sum of non-negative f(child))  if any child is >= 0
+                         else max f(child)               (b is kept, so at least one child is)
+
+Ties go to keeping: a child worth exactly 0 is kept (so ETS with nothing to gain from pruning,
+e.g. at depth 1, keeps what REBASE keeps).
 
 f(root) is the optimum (the root is on every path). Invariants the layout relies on: all leaves
 (candidates) sit at the deepest level, and every other node has at least one child, so level d
@@ -42,7 +45,7 @@ class TreeDP:
             v = val[ch]
             best = np.maximum.reduceat(v, starts)
             pos = np.add.reduceat(np.maximum(v, 0.0), starts)
-            val[seg_par] = -cost[seg_par] + np.where(pos > 0, pos, best)
+            val[seg_par] = -cost[seg_par] + np.where(best >= 0, pos, best)
             seg_pos.append(pos)
             seg_best.append(best)
         root_val = float(val[self.root])
@@ -51,8 +54,8 @@ class TreeDP:
         for (ch, starts, seg_par, lens), pos, best in zip(self.levels, reversed(seg_pos), reversed(seg_best)):
             v = val[ch]
             live = np.repeat(keep[seg_par], lens)
-            any_pos = np.repeat(pos > 0, lens)
-            take = live & any_pos & (v > 0)
+            any_pos = np.repeat(best >= 0, lens)
+            take = live & any_pos & (v >= 0)
             # a kept parent with no positive child keeps exactly one child: its first argmax
             is_max = live & ~any_pos & (v == np.repeat(best, lens)) & np.isfinite(v)
             if is_max.any():

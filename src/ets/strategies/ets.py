@@ -62,7 +62,7 @@ def ets_select(scores, candidates, remaining: int, config: ETSConfig, labels) ->
     sol = solve(problem, config.solver)
     alloc = rebase_allocate(scores, remaining, config.softmax_temperature, keep=sol.keep)
     info = {"objective": sol.objective, "solver": sol.solver, "fixed": sol.fixed,
-            "num_clusters": problem.num_clusters, "rebase_alloc": rebase,
+            "num_clusters": problem.num_clusters, "rebase_alloc": rebase, "keep": sol.keep.tolist(),
             "kept_nodes": int(problem.kept_nodes(sol.keep).sum())}
     return alloc, info
 

@@ -1,0 +1,153 @@
+"""The selection program: exactness of the DP and of variable fixing against HiGHS and brute
+force, the token-cost and KV-budget options, and the coverage term."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from ets.selection import InfeasibleSelection, build_problem, fix_variables, solve, solve_milp
+from ets.selection.tree_dp import TreeDP
+from ets.strategies.rebase import rebase_allocate
+
+from helpers import tree_from_parents
+
+
+def random_frontier(rng: random.Random, n_leaves: int, depth: int, branching: int = 3):
+    """A random tree whose deepest level holds the candidates."""
+    parent, level, next_id = {0: None}, [0], 1
+    for d in range(depth):
+        new = []
+        for p in level:
+            for _ in range(rng.randint(1, branching)):
+                parent[next_id] = p
+                new.append(next_id)
+                next_id += 1
+        level = new
+    rng.shuffle(level)
+    cands = level[:n_leaves]
+    keep_ids = set()
+    for c in cands:  # drop branches with no candidate
+        j = c
+        while j is not None and j not in keep_ids:
+            keep_ids.add(j)
+            j = parent[j]
+    parent = {k: v for k, v in parent.items() if k in keep_ids}
+    _, nodes = tree_from_parents(parent, tokens_per_node=1)
+    for n in nodes.values():
+        n.token_ids = [0] * rng.randint(1, 30)
+    return [nodes[c] for c in cands]
+
+
+def brute_force(problem):
+    best = -np.inf
+    for bits in itertools.product([0, 1], repeat=problem.n_cand):
+        x = np.array(bits, bool)
+        if problem.violations(x):
+            continue
+        best = max(best, problem.objective(x))
+    return best
+
+
+def _random_problem(seed, n=8, clusters=True, **kw):
+    rng = random.Random(seed)
+    cands = random_frontier(rng, n, rng.randint(1, 4))
+    scores = [rng.random() for _ in cands]
+    width = rng.choice([4, 8, 16])
+    alloc = rebase_allocate(scores, width, 0.2, cap=False)
+    labels = [rng.randint(0, max(1, len(cands) // 2)) for _ in cands] if clusters else None
+    lam_c = kw.pop("lambda_c", rng.choice([0.0, 0.5, 1.0, 3.0]))
+    lam_s = kw.pop("lambda_s", rng.choice([0.0, 0.5, 1.5]))
+    return build_problem(cands, width, alloc, lam_c, lam_s, labels, **kw)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solver_matches_brute_force(seed):
+    problem = _random_problem(seed)
+    opt = brute_force(problem)
+    for sol in (solve(problem), solve_milp(problem)):
+        assert problem.violations(sol.keep) == []
+        assert sol.objective == pytest.approx(opt, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_tree_dp_is_exact_without_coverage(seed):
+    problem = _random_problem(seed, n=9, clusters=False)
+    sol = solve(problem)
+    assert sol.solver == "dp"
+    assert sol.objective == pytest.approx(brute_force(problem), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_fixing_never_changes_the_optimum(seed):
+    problem = _random_problem(seed, n=40, lambda_c=1.0, lambda_s=1.5)
+    f_in, f_out = fix_variables(problem)
+    assert not (f_in & f_out).any()
+    fixed = solve_milp(problem, f_in, f_out)
+    free = solve_milp(problem)
+    assert fixed.objective == pytest.approx(free.objective, abs=1e-9)
+
+
+def test_dp_keeps_one_child_when_none_pays():
+    # root -> a -> {c1, c2}; tiny weights, big cost: the best is one cheapest candidate.
+    _, nodes = tree_from_parents({0: None, 1: 0, 2: 1, 3: 1})
+    cands = [nodes[2], nodes[3]]
+    p = build_problem(cands, 4, [2, 2], lambda_c=10.0, lambda_s=0.0, clusters=None)
+    value, keep = TreeDP(p.parent, p.depth, p.n_cand).solve(p.outcome, p.cost)
+    assert keep.sum() == 1
+    assert value == pytest.approx(0.5 - 10.0 * 3 / 4)
+
+
+def test_token_cost_prunes_the_long_branch():
+    # two equal-score candidates: one under a 200-token step, one under a 5-token step
+    _, nodes = tree_from_parents({0: None, 1: 0, 2: 0, 3: 1, 4: 2})
+    nodes[1].token_ids = [0] * 200
+    nodes[2].token_ids = [0] * 5
+    cands = [nodes[3], nodes[4]]
+    per_node = build_problem(cands, 8, [4, 4], 1.0, 0.0, None, node_cost="nodes")
+    per_token = build_problem(cands, 8, [4, 4], 1.0, 0.0, None, node_cost="tokens")
+    assert solve(per_node).keep.tolist() == [True, True]  # 0.5 > 2/5 for each branch
+    assert solve(per_token).keep.tolist() == [False, True]
+
+
+def test_kv_budget_is_a_hard_cap():
+    rng = random.Random(3)
+    cands = random_frontier(rng, 12, 3)
+    scores = [rng.random() for _ in cands]
+    alloc = rebase_allocate(scores, 16, 0.5, cap=False)
+    free = build_problem(cands, 16, alloc, 0.0, 0.0, None)
+    full = int(free.tokens[free.kept_nodes(solve(free).keep)].sum())
+    budget = full // 2
+    p = build_problem(cands, 16, alloc, 0.0, 0.0, None, kv_budget=budget)
+    sol = solve(p)
+    assert p.violations(sol.keep) == []
+    assert p.tokens[p.kept_nodes(sol.keep)].sum() <= budget
+
+
+def test_infeasible_kv_budget_names_the_fix():
+    _, nodes = tree_from_parents({0: None, 1: 0, 2: 1})
+    p = build_problem([nodes[2]], 4, [4], 1.0, 0.0, None, kv_budget=1)
+    with pytest.raises(InfeasibleSelection, match=r"Raise --kv-budget to at least 3"):
+        solve(p)
+
+
+def test_larger_lambda_s_keeps_more_clusters():
+    rng = random.Random(7)
+    kept = []
+    cands = random_frontier(rng, 30, 4)
+    scores = [rng.random() for _ in cands]
+    labels = [i % 10 for i in range(len(cands))]
+    alloc = rebase_allocate(scores, 32, 0.2, cap=False)
+    for lam_s in (0.0, 0.5, 1.5, 5.0):
+        p = build_problem(cands, 32, alloc, 1.0, lam_s, labels)
+        keep = solve(p).keep
+        kept.append(len(set(np.array(labels)[keep])))
+    assert kept == sorted(kept) and kept[-1] > kept[0]
+
+
+def test_objective_counts_each_cluster_once():
+    _, nodes = tree_from_parents({0: None, 1: 0, 2: 0})
+    p = build_problem([nodes[1], nodes[2]], 2, [1, 1], 1.0, 1.0, [0, 0])
+    both = p.objective(np.array([True, True]))
+    assert both == pytest.approx(1.0 - 3 / 3 + 1.0)
