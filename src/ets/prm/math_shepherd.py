@@ -1,0 +1,144 @@
+"""Step-tag PRMs run with transformers, and the Math-Shepherd adapter.
+
+Scheme shared by tag-based PRMs: the path is written as question + steps, each step followed
+by one step-tag token; the model is run once over the whole path; the score of step i is read at
+the position of the i-th tag. The tag must be ONE token of the PRM's tokenizer (checked at load)
+and every step must yield exactly one tag (else PRMError: a step the PRM cannot see is never
+silently dropped).
+
+Math-Shepherd (Wang et al., 2024): a causal LM; tag "ки"; score = P("+") / (P("+") + P("-"))
+from the LM logits at the tag position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ets.prm.base import PRMError, RewardModel, ScoreRequest
+
+
+def single_token(tok, text: str, what: str) -> int:
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise PRMError(f"the PRM's {what} {text!r} must be ONE token of its tokenizer, got {ids}")
+    return ids[0]
+
+
+class StepTagPRM(RewardModel):
+    """Base of the tag-based adapters. Subclasses give `_format(question, steps)` (text with one
+    tag per step) and `_good_prob(input_ids, attention_mask) -> [B, T]` (P(step good) read at
+    every position; only tag positions are used).
+
+    insert_tag: True = strip each step's trailing step delimiter / whitespace and append the tag
+      (any policy works); False = the steps must already end with the tag, i.e. the policy's
+      step_delimiter must be the tag (checked at load when `step_delimiter` is given).
+    """
+
+    name = "step-tag"
+
+    def __init__(self, model, tokenizer, tag: str, insert_tag: bool = True, step_delimiter: str | None = None,
+                 device=None, batch_size: int = 8, max_length: int | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tok, self.tag, self.insert_tag = tokenizer, tag, insert_tag
+        self.batch_size, self.max_length = batch_size, max_length
+        self.step_delimiter = step_delimiter
+        self.tag_id = single_token(tokenizer, tag, "step tag")
+        # the tag must survive tokenization in context too (no merge with neighbouring text)
+        probe = tokenizer.encode(f"1 + 1 = 2 {tag}\nnext {tag}", add_special_tokens=False)
+        if probe.count(self.tag_id) != 2:
+            raise PRMError(f"the step tag {tag!r} does not stay one token in context: {probe}")
+        if not insert_tag and step_delimiter is not None and tag not in step_delimiter:
+            raise PRMError(f"with insert_tag=False the policy's steps must end with the tag {tag!r}, "
+                           f"but its step_delimiter is {step_delimiter!r}: set step_delimiter to the tag "
+                           "or use insert_tag=True")
+        self.calls = self.paths = 0
+
+    def clean_step(self, text: str) -> str:
+        """A step's text as the PRM sees it, without a trailing delimiter (re-added as the tag)."""
+        t = text.rstrip()
+        if self.step_delimiter and self.step_delimiter.strip() and t.endswith(self.step_delimiter.strip()):
+            t = t[: -len(self.step_delimiter.strip())].rstrip()
+        if t.endswith(self.tag):
+            t = t[: -len(self.tag)].rstrip()
+        return t
+
+    def _format(self, question: str, steps: list[str]) -> str:
+        raise NotImplementedError
+
+    def _good_prob(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, question: str, step_texts: Sequence[str]) -> list[int]:
+        if self.insert_tag:
+            steps = [self.clean_step(s) for s in step_texts]
+        else:
+            steps = []
+            for i, s in enumerate(step_texts):
+                if not s.rstrip().endswith(self.tag):
+                    raise PRMError(f"step {i + 1} does not end with the step tag {self.tag!r}: {s[-60:]!r}")
+                steps.append(s.rstrip()[: -len(self.tag)].rstrip())
+        ids = self.tok.encode(self._format(question, steps), add_special_tokens=False)
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise PRMError(f"path of {len(ids)} tokens exceeds the PRM's max_length {self.max_length}")
+        n_tags = ids.count(self.tag_id)
+        if n_tags != len(steps):
+            raise PRMError(f"PRM {self.name}: the path has {len(steps)} steps but {n_tags} step tags "
+                           f"{self.tag!r} reached the model (a step contains the tag, or the tag merged "
+                           f"with its neighbours); last step: {steps[-1][-60:] if steps else ''!r}")
+        return ids
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        self.calls += 1
+        self.paths += len(requests)
+        encoded = [self.encode(r.question, r.node.step_texts()) for r in requests]
+        out: list[list[float]] = []
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        for i in range(0, len(encoded), self.batch_size):
+            chunk = encoded[i:i + self.batch_size]
+            T = max(len(ids) for ids in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)  # right padding
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, seq in enumerate(chunk):
+                ids[b, :len(seq)] = torch.tensor(seq)
+                mask[b, :len(seq)] = 1
+            with torch.inference_mode():
+                good = self._good_prob(ids.to(self.device), mask.to(self.device)).float().cpu()  # [B, T]
+            for b, seq in enumerate(chunk):
+                at = (ids[b, :len(seq)] == self.tag_id).nonzero().squeeze(-1)
+                out.append(good[b, at].tolist())
+        return out
+
+    def stats(self) -> dict:
+        return {"prm_calls": self.calls, "prm_paths": self.paths}
+
+
+class MathShepherdPRM(StepTagPRM):
+    """Math-Shepherd-style PRM over a causal LM (e.g. peiyi9979/math-shepherd-mistral-7b-prm,
+    from a local folder). Input: "{question} {step 1} ки\\n{step 2} ки\\n..."."""
+
+    name = "math-shepherd"
+
+    def __init__(self, model, tokenizer, tag: str = "ки", good: str = "+", bad: str = "-", **kw):
+        super().__init__(model, tokenizer, tag, **kw)
+        self.good_id = single_token(tokenizer, good, "good token")
+        self.bad_id = single_token(tokenizer, bad, "bad token")
+
+    def _format(self, question: str, steps: list[str]) -> str:
+        return f"{question} " + "".join(f"{s} {self.tag}\n" for s in steps)
+
+    def _good_prob(self, input_ids, attention_mask):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+        pair = logits[..., [self.good_id, self.bad_id]].float()  # [B, T, 2]
+        return pair.softmax(-1)[..., 0]
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, dtype=None, **kw) -> MathShepherdPRM:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+        return cls(model, tok, device=device, **kw)

@@ -1,0 +1,53 @@
+"""Qwen2.5-Math-PRM-style adapter: "<extra_0>" after each step, a reward head giving two-class
+logits per token; the step score is softmax(logits)[..., 1] at each separator position.
+
+Input (as in the model card): chat template with the system prompt below, the question as the
+user turn, and the assistant turn "step1<extra_0>step2<extra_0>...". Without a chat template
+the same parts are joined by newlines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ets.prm.math_shepherd import StepTagPRM
+
+SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class QwenPRM(StepTagPRM):
+    name = "qwen-prm"
+
+    def __init__(self, model, tokenizer, tag: str = "<extra_0>", system: str = SYSTEM, **kw):
+        super().__init__(model, tokenizer, tag, **kw)
+        self.system = system
+
+    def _format(self, question: str, steps: list[str]) -> str:
+        answer = "".join(f"{s}{self.tag}" for s in steps)
+        if getattr(self.tok, "chat_template", None):
+            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer}]
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return f"{self.system}\n{question}\n{answer}"
+
+    def _good_prob(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [B, T, 2]
+        if logits.shape[-1] != 2:
+            raise ValueError(f"a Qwen-style PRM head gives 2 logits per token, got {logits.shape[-1]}")
+        return logits.float().softmax(-1)[..., 1]
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, dtype=None, trust_remote_code: bool = False, **kw) -> QwenPRM:
+        """Qwen2.5-Math-PRM needs trust_remote_code=True (its reward head is remote code); a
+        folder holding a token-classification model with 2 labels loads without it."""
+        from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if trust_remote_code:
+            model = AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True)
+        else:
+            model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto")
+        return cls(model, tok, device=device, **kw)

@@ -1,0 +1,147 @@
+"""Tag-based PRM adapters on tiny random models built here (no download)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from ets.config import SamplingConfig, SearchConfig
+from ets.engines.mock import MockPolicy
+from ets.prm.base import PRMError, ScoreRequest
+from ets.prm.math_shepherd import MathShepherdPRM
+from ets.prm.qwen_prm import QwenPRM
+from ets.search import search
+from ets.tree import Tree
+
+WORDS = ["<pad>", "<unk>", "ки", "+", "-", "=", "Step", "so", "the", "answer", "is"] + [str(i) for i in range(30)]
+
+
+def tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_tokens([AddedToken("<extra_0>", special=False)])  # split out even when glued to text
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_llama(vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=0, bos_token_id=None, eos_token_id=None)).eval()
+
+
+def tiny_qwen_head(vocab):
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    torch.manual_seed(0)
+    return Qwen2ForTokenClassification(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, num_labels=2, pad_token_id=0)).eval()
+
+
+def path(steps, question_ids=(1,)):
+    tree = Tree(list(question_ids), "q")
+    node = tree.root
+    for s in steps:
+        node = tree.add_child(node, [5], s, "delimiter")
+    return node
+
+
+PATHS = [["1 + 2 = 3\n\n", "3 + 4 = 7\n\n", "so the answer is 7"], ["5 = 5\n\n"], ["2 + 2 = 4\n\n", "4 - 1 = 3"]]
+
+
+@pytest.fixture(scope="module")
+def shepherd():
+    tok = tokenizer()
+    return MathShepherdPRM(tiny_llama(len(tok)), tok, step_delimiter="\n\n", batch_size=2)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_math_shepherd_scores_align_with_steps_and_match_a_manual_read(shepherd):
+    requests = [ScoreRequest("1 + 2 = ?", path(p)) for p in PATHS]
+    scores = run(shepherd.score(requests))
+    assert [len(s) for s in scores] == [len(p) for p in PATHS]
+    assert all(0 < x < 1 for s in scores for x in s)
+    # manual: P(+) / (P(+) + P(-)) from the LM logits at each tag position, one path at a time
+    for req, got in zip(requests, scores):
+        ids = shepherd.encode(req.question, req.node.step_texts())
+        with torch.no_grad():
+            logits = shepherd.model(torch.tensor([ids])).logits[0]
+        at = [i for i, t in enumerate(ids) if t == shepherd.tag_id]
+        want = logits[at][:, [shepherd.good_id, shepherd.bad_id]].softmax(-1)[:, 0].tolist()
+        assert got == pytest.approx(want, abs=1e-5)  # padding in the batch changes nothing
+
+
+def test_math_shepherd_input_format(shepherd):
+    text = shepherd._format("Q ?", [shepherd.clean_step("1 + 2 = 3\n\n"), shepherd.clean_step("so 3 ки")])
+    assert text == "Q ? 1 + 2 = 3 ки\nso 3 ки\n"
+
+
+def test_a_step_hiding_a_tag_raises(shepherd):
+    bad = path(["1 + 2 ки = 3\n\n", "3 = 3"])
+    with pytest.raises(PRMError, match="2 steps but 3 step tags"):
+        run(shepherd.score([ScoreRequest("q", bad)]))
+
+
+def test_tag_must_be_one_token():
+    tok = tokenizer()
+    with pytest.raises(PRMError, match="ONE token"):
+        MathShepherdPRM(tiny_llama(len(tok)), tok, tag="Step ки")
+    with pytest.raises(PRMError, match="ONE token"):
+        MathShepherdPRM(tiny_llama(len(tok)), tok, good="+ +")
+
+
+def test_without_insertion_the_policy_must_emit_the_tag():
+    tok = tokenizer()
+    with pytest.raises(PRMError, match="step_delimiter"):
+        MathShepherdPRM(tiny_llama(len(tok)), tok, insert_tag=False, step_delimiter="\n\n")
+    prm = MathShepherdPRM(tiny_llama(len(tok)), tok, insert_tag=False, step_delimiter="ки")
+    assert len(run(prm.score([ScoreRequest("q", path(["1 + 2 = 3 ки", "so 3 ки"]))]))[0]) == 2
+    with pytest.raises(PRMError, match="does not end with the step tag"):
+        run(prm.score([ScoreRequest("q", path(["1 + 2 = 3 ки", "so 3"]))]))
+
+
+def test_qwen_prm_reads_class_one_at_each_separator(tmp_path):
+    tok = tokenizer()
+    model = tiny_qwen_head(len(tok))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prm = QwenPRM.load(tmp_path, device="cpu", batch_size=3)
+    assert prm.tag_id == tok.convert_tokens_to_ids("<extra_0>")
+    requests = [ScoreRequest("1 + 2 = ?", path(p)) for p in PATHS]
+    scores = run(prm.score(requests))
+    assert [len(s) for s in scores] == [len(p) for p in PATHS]
+    for req, got in zip(requests, scores):
+        ids = prm.encode(req.question, req.node.step_texts())
+        assert ids.count(prm.tag_id) == req.node.depth
+        with torch.no_grad():
+            probs = prm.model(torch.tensor([ids])).logits[0].softmax(-1)[:, 1]
+        want = [probs[i].item() for i, t in enumerate(ids) if t == prm.tag_id]
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_qwen_prm_rejects_a_head_without_two_classes():
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    tok = tokenizer()
+    model = Qwen2ForTokenClassification(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4,
+                                                    num_key_value_heads=2, num_labels=3))
+    with pytest.raises(ValueError, match="2 logits"):
+        run(QwenPRM(model, tok).score([ScoreRequest("q", path(["1 = 1"]))]))
+
+
+def test_math_shepherd_drives_a_search(shepherd, tmp_path):
+    cfg = SearchConfig(strategy="rebase", width=4, sampling=SamplingConfig(step_delimiter="\n\n"))
+    res = run(search("what is 6 * 7?", MockPolicy(seed=1), shepherd, cfg))
+    scored = [n for n in res.tree.nodes[1:]]
+    assert scored and all(n.score is not None and 0 < n.score < 1 for n in scored)
