@@ -4,7 +4,7 @@
     python benchmarks/bench_vllm_ets.py --start          # starts (and stops) a server itself
 
 Problems run one after another (one in flight), so each step's server figures are that
-problem's alone. PRM: the deterministic mock (this script measures the engine, not accuracy).
+problem's alone. PRM: the offline default PRM (this script measures the engine, not accuracy).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 async def run(args) -> dict:
     from ets.config import SamplingConfig, SearchConfig
     from ets.engines.server import ServerPolicy
-    from ets.prm.mock import MockPRM
+    from ets.prm.default import DefaultPRM
     from ets.search import search
     from ets.tasks import gsm8k
 
     policy = ServerPolicy(args.url, tokenizer_path=args.tokenizer)
-    prm = MockPRM(seed=args.seed)
+    prm = DefaultPRM()
     cfg = SearchConfig(strategy="ets", width=args.width, max_tokens=args.max_tokens,
                        seed=args.seed, kv_block_size=args.block_size,
                        sampling=SamplingConfig(max_step_tokens=args.max_step_tokens),
@@ -66,13 +66,14 @@ def main(argv=None) -> None:
     ap.add_argument("--url", default=None, help="server base URL (default: start one)")
     ap.add_argument("--start", action="store_true", help="start a vLLM server for the run")
     ap.add_argument("--port", type=int, default=8011)
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
+    ap.add_argument("--kv-cache-gb", type=int, default=1)
     ap.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: the served folder)")
     ap.add_argument("--problems", type=int, default=3)
     ap.add_argument("--width", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-step-tokens", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=16, help="tree KV block size for the count")
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="KV block size: the started server's and the tree count's (CPU: multiple of 32)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     with contextlib.ExitStack() as stack:
@@ -81,7 +82,8 @@ def main(argv=None) -> None:
             from ets.serve import default_venv_python, start_vllm_server
 
             server = stack.enter_context(start_vllm_server(
-                default_model_dir(), args.port, default_venv_python(), args.kv_cache_gb))
+                default_model_dir(), args.port, default_venv_python(), args.kv_cache_gb,
+                block_size=args.block_size))
             args.url = server.url
             print(f"vLLM at {server.url} (log: {server.log_path})")
         asyncio.run(run(args))

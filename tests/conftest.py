@@ -101,3 +101,25 @@ def vllm_server(tmp_path_factory):
     with start_vllm_server(default_model_dir(), free_port(), python, kv_cache_gb=1, block_size=32,
                            log_path=log) as server:
         yield server
+
+
+# The default model as a step-pooling "PRM": a classification head vLLM adds (untrained, so
+# scores mean nothing) and step tag <|endoftext|> (id 0). It checks the wire, not the scores.
+POOLING_ARGS = ("--runner", "pooling", "--convert", "classify", "--pooler-config",
+                '{"task": "token_classify", "tok_pooling_type": "STEP", "step_tag_id": 0}')
+POOLING_STEP_TAG = "<|endoftext|>"
+
+
+@pytest.fixture  # per test: stopped before the generation server starts (two cores)
+def vllm_pooling_server(tmp_path_factory):
+    from ets.serve import has_vllm, start_vllm_server
+
+    python = vllm_python()
+    if python is None or not has_vllm(python):
+        pytest.skip("no vLLM venv: set ETS_VLLM_PYTHON (or run .ci/vllm-setup.sh)")
+    from ets.models import default_model_dir
+
+    log = tmp_path_factory.mktemp("vllm-pooling") / "vllm.log"
+    with start_vllm_server(default_model_dir(), free_port(), python, kv_cache_gb=1, log_path=log,
+                           extra_args=POOLING_ARGS) as server:
+        yield server

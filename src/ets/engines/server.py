@@ -118,14 +118,15 @@ class ServerPolicy(Policy):
                  tokenizer_path: str | Path | None = None, max_concurrency: int = 64,
                  timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
-                 metrics_interval_s: float = 0.1):
+                 metrics_interval_s: float = 0.1, system_prompt: str | None = None):
         """urls: one base URL, a comma-separated string, or a list (one per server).
         model: the name the servers serve (None: asked from /v1/models, per server).
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
         folder, as it is for a server started by `ets serve`).
         max_concurrency: HTTP requests in flight per server. timeout_s: per request.
         retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
-        measure: sample /metrics during each expand (metrics_interval_s apart)."""
+        measure: sample /metrics during each expand (metrics_interval_s apart).
+        system_prompt: a system turn before the question (None: the template's own default)."""
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or metrics_interval_s <= 0:
@@ -134,6 +135,7 @@ class ServerPolicy(Policy):
         self.max_concurrency, self.timeout_s, self.retries = max_concurrency, timeout_s, retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.measure, self.metrics_interval_s = measure, metrics_interval_s
+        self.system_prompt = system_prompt
         self.servers = [_Server(u) for u in split_urls(urls)]
         self.name = f"server:{flavour}"
         self._tok = None
@@ -161,9 +163,17 @@ class ServerPolicy(Policy):
         return self._tok
 
     def format_prompt(self, question: str) -> tuple[list[int], str]:
+        """Same rule as the embedded engine: the chat template with the question as the user
+        turn (after `system_prompt` if given); a model without a template gets plain text."""
         tok = self._tokenizer()
-        text = tok.apply_chat_template([{"role": "user", "content": question}],
-                                       add_generation_prompt=True, tokenize=False)
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "user", "content": question}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = question if self.system_prompt is None else f"{self.system_prompt}\n\n{question}"
+            text += "\n"
         # The template already holds any BOS it wants: add no special tokens a second time.
         return list(tok(text, add_special_tokens=False)["input_ids"]), text
 
