@@ -236,3 +236,25 @@ def test_prometheus_parser_and_vllm_snapshot():
     assert snap.prefix_hits == 20 and snap.prefix_queries == 40
     assert snap.kv_capacity_tokens == 30 * 128
     assert snap.kv_used_tokens == 0.5 * 1280 + 0.25 * 2560
+
+
+def test_serve_command_env_and_startup_failure(tmp_path, monkeypatch):
+    from ets import serve
+
+    cmd = serve.vllm_command("/v/bin/python", "/m", 8123, block_size=32, extra_args=["--x"])
+    assert cmd[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for flag in ("--enable-prefix-caching", "--enforce-eager", "--block-size", "--x"):
+        assert flag in cmd
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
+    env = serve.vllm_env(3, cpus=2)
+    assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_CPU_NUM_OF_RESERVED_CPU"],
+            env["VLLM_CPU_KVCACHE_SPACE"]) == ("0-1", "0", "3")
+    assert not serve.has_vllm(tmp_path / "missing" / "python")
+    # an existing venv that imports vllm is reused: nothing is installed
+    monkeypatch.setattr(serve, "has_vllm", lambda p: True)
+    monkeypatch.setattr(serve.subprocess, "run", lambda *a, **k: pytest.fail("installed"))
+    assert serve.ensure_vllm_venv(tmp_path / "v") == tmp_path / "v" / "bin" / "python"
+    monkeypatch.undo()
+    # a server process that dies at once: a clear error with its log, no hang
+    with pytest.raises(RuntimeError, match="did not become healthy"):
+        serve.start_vllm_server("/m", 8124, "/bin/false", log_path=tmp_path / "log", startup_timeout_s=30)
