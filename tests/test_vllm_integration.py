@@ -81,7 +81,7 @@ def test_ets_search_through_vllm(vllm_server):
             assert isinstance(node.score, float)
             assert node.logprobs is not None and len(node.logprobs) == len(node.token_ids)
             if node.stop_reason == DELIMITER:
-                assert node.text.endswith("\n\n")
+                assert "\n\n" in node.text
         for t in res.trace:
             assert t.kv_tokens > 0
             assert t.engine["server"] == vllm_server.url

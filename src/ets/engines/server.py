@@ -5,7 +5,9 @@ Contract (on top of `Policy`'s):
   server's prefix cache sees the very sharing the tree has (siblings share their parent's ids).
 - One HTTP request per expanded node asks for all its `n` children (`n`), each stopping at the
   step delimiter, which stays in the step. The step's token ids and log-probabilities come back
-  from the server; text is the server's detokenisation (ids are the source of truth).
+  from the server; its text is the local tokenizer's decoding of those ids (special tokens
+  skipped, as the embedded engine does), so text and ids agree even where the server's stop
+  logic cut the text inside a token; without a loaded tokenizer, the server's text.
 - Finish reasons map to Step.stop_reason: the delimiter -> "delimiter", EOS/stop token -> "eos",
   the max_step_tokens cap -> "length".
 - `format_prompt` applies the model's chat template locally (transformers tokenizer from a
@@ -343,7 +345,7 @@ class ServerPolicy(Policy):
                 raise ServerError(f"{server.url} ended a sample with finish_reason={fr!r}")
             lp = (c.get("logprobs") or {}).get("token_logprobs")
             lp = tuple(float(x) for x in lp) if lp and len(lp) == len(ids) and None not in lp else None
-            steps.append(Step(tuple(int(t) for t in ids), c.get("text", ""), reason, lp))
+            steps.append(Step(tuple(int(t) for t in ids), self._text(ids, c.get("text", "")), reason, lp))
         return steps
 
     def _parse_sglang(self, server: _Server, body, sampling: SamplingConfig, n_prompt: int) -> list[Step]:
@@ -370,8 +372,11 @@ class ServerPolicy(Policy):
             else:
                 raise ServerError(f"{server.url} ended a sample with finish_reason={fin!r}")
             lp = tuple(float(e[0]) for e in lps) if lps and len(lps) == len(ids) else None
-            steps.append(Step(tuple(int(t) for t in ids), item.get("text", ""), reason, lp))
+            steps.append(Step(tuple(int(t) for t in ids), self._text(ids, item.get("text", "")), reason, lp))
         return steps
+
+    def _text(self, ids: list[int], server_text: str) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else server_text
 
     # ---- measurements -------------------------------------------------------------------
 
