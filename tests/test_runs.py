@@ -154,3 +154,21 @@ def test_sigkill_mid_run_then_rerun_loses_and_recomputes_nothing(tmp_path):
     assert len(after) == 400
     assert {k: v for k, v in after.items() if k in before} == before
     assert f"{len(before)} already done" in res.stderr
+
+
+def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
+    make_dataset(tmp_path / "toy.jsonl", 400)
+    cmd = [sys.executable, "-m", "ets.cli", "run", "--policy", "mock", "--prm", "mock", "--embedder", "hash",
+           "--strategy", "rebase", "--dataset", str(tmp_path / "toy.jsonl"), "--id-field", "id", "--limit", "0",
+           "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((tmp_path / "runs").glob("*/problems/*.json"))) < 3:
+        time.sleep(0.005)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    run = RunDir(next((tmp_path / "runs").iterdir()))
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert 3 <= summary["problems"] == len(list(run.iter_problems())) < 400

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from ets.runs import RunMismatch
     from ets.tasks import DatasetError
 
+    previous = _sigterm_as_interrupt()
     try:
         return verbs[a.cmd](a)
     except KeyboardInterrupt:
@@ -376,6 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, SpecError, RunMismatch, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """`kill`/`timeout` (SIGTERM) stop a run like Ctrl-C: the summary is written and the
+    message says how to resume. Returns the previous handler (None outside the main thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

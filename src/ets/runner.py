@@ -99,6 +99,14 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                 out.skipped += 1
             else:
                 todo += 1
+    if todo:
+        # load the grader and the embedders before any clock starts: their one-off start-up
+        # would otherwise be charged to whichever config happens to run first
+        task.grade("1", "1")
+        for cfg in {id(j.cfg): j.cfg for jobs in groups for j in jobs}.values():
+            _embedder(cfg, embedders)
+        for emb in embedders.values():
+            emb.embed(["warm up"])
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=todo, desc="problems", unit="job", file=sys.stderr, disable=not progress or todo == 0,
                dynamic_ncols=True)
