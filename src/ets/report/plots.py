@@ -23,10 +23,12 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         rs = sorted(rs, key=lambda r: r["width"])
         ws = [r["width"] for r in rs]
-        color = f"C{i}"
-        ax_acc.plot(ws, [r["accuracy"] for r in rs], "o-", color=color, label=method)
-        ax_kv.plot(ws, [r["kv_mean"] for r in rs], "o-", color=color, label=f"{method} mean")
-        ax_kv.plot(ws, [r["kv_peak"] for r in rs], "s--", color=color, alpha=0.6, label=f"{method} peak")
+        # distinct markers, each smaller than the last, so methods with equal values stay visible
+        color, marker, size = f"C{i}", "os^Dv<>p"[i % 8], max(3.0, 10.0 - 1.5 * i)
+        ax_acc.plot(ws, [r["accuracy"] for r in rs], marker=marker, ms=size, ls="-", color=color, label=method)
+        ax_kv.plot(ws, [r["kv_mean"] for r in rs], marker=marker, ms=size, ls="-", color=color, label=f"{method} mean")
+        ax_kv.plot(ws, [r["kv_peak"] for r in rs], marker=marker, ms=size, ls="--", color=color, alpha=0.5,
+                   label=f"{method} peak")
     widths = sorted({r["width"] for r in rows})
     for ax, ylabel in ((ax_acc, "accuracy"), (ax_kv, "KV tokens")):
         ax.set_xscale("log", base=2)
