@@ -1,7 +1,9 @@
 """ETS selection speed on realistic frontiers, beside REBASE allocation, in one run.
 
 A frontier is the last depth of a mock REBASE search cut at `--depth` (every candidate at one
-depth, >= width candidates, clusters from near-duplicate steps). Timed per call:
+depth, exactly `width` candidates, clusters from near-duplicate steps anywhere in the tree), or a
+frontier captured from the real model (`--captured`, benchmarks/data/frontier_w*.json). Timed
+per call:
   - ets:     build the program + solve it exactly (cluster labels given)
   - cluster: average-linkage clustering of the candidates' embeddings (hash embedder)
   - rebase:  the REBASE allocation
@@ -21,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from frontiers import grow_frontier  # noqa: E402
+from frontiers import grow_frontier, load_frontier  # noqa: E402
 
 from ets.cluster import HashEmbedder, cluster_labels  # noqa: E402
 from ets.strategies.ets import ETSConfig, ets_select  # noqa: E402
@@ -44,19 +46,31 @@ def main(argv=None):
     ap.add_argument("--frontiers", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--solver", default="auto", choices=["auto", "milp"])
+    ap.add_argument("--captured", action="store_true", help="also time benchmarks/data/frontier_w*.json")
     args = ap.parse_args(argv)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
     print(f"{'width':>5} {'N':>5} {'K':>4} {'nodes':>5} | {'ets med':>8} {'ets p99':>8} | "
           f"{'clust med':>9} | {'rebase med':>10} {'rebase p99':>10} | {'ets/rebase':>10} | solver")
-    for width in [int(w) for w in args.widths.split(",")]:
+    suites = [("mock", w, [lambda w=w, s=s: grow_frontier(w, args.depth, s) for s in range(args.frontiers)])
+              for w in [int(x) for x in args.widths.split(",")]]
+    if args.captured:
+        import glob
+        for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "frontier_w*.json"))):
+            width = int(path.rsplit("_w", 1)[1].split(".")[0])
+            suites.append(("smollm2", width, [lambda path=path: load_frontier(path)]))
+    last = None
+    for name, width, makers in suites:
+        if name != last:
+            print(f"-- {name}")
+            last = name
         ets_t, cl_t, rb_t, sizes, solvers = [], [], [], [], {}
-        for seed in range(args.frontiers):
-            frontier, labels = grow_frontier(width, args.depth, seed)
+        for make in makers:
+            frontier, labels = make()
             cands = frontier.candidates
             scores = [c.score for c in cands]
             config = ETSConfig.for_width(width, solver=args.solver)
-            emb = HashEmbedder().embed([c.text for c in cands])
+            emb = HashEmbedder().embed([c.text for c in cands])  # clustering time only; labels as given
             _, info = ets_select(scores, cands, frontier.remaining, config, labels)
             solvers[info["solver"]] = solvers.get(info["solver"], 0) + 1
             sizes.append((len(cands), int(labels.max()) + 1, info["kept_nodes"]))
