@@ -19,8 +19,13 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 
 
+# Generous: a timeout makes math-verify answer "not equal", so a busy machine must not turn a
+# right answer wrong; only pathological expressions ever come near it.
+TIMEOUT_S = 60
+
+
 def _timeout() -> int | None:
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 def _wrap(expr: str) -> str:
