@@ -172,3 +172,19 @@ def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
     run = RunDir(next((tmp_path / "runs").iterdir()))
     summary = json.loads((run.path / "summary.json").read_text())
     assert 3 <= summary["problems"] == len(list(run.iter_problems())) < 120
+
+
+def test_saved_record_round_trips_tree_and_trace(tmp_path):
+    from dataclasses import asdict
+
+    from ets.treeio import trace_from_list, tree_from_dict, tree_to_dict
+
+    task, problems, cfg, run = setup(tmp_path, n=1, strategy="ets")
+    asyncio.run(run_jobs([[Job(problems[0], cfg, run)]], task, MockPolicy(), MockPRM(), progress=False))
+    rec = run.load_problem("p0")
+    tree = tree_from_dict(rec["tree"])
+    assert tree_to_dict(tree) == rec["tree"] and len(tree.nodes) > 5
+    trace = trace_from_list(rec["trace"])
+    assert [asdict(t) for t in trace] == rec["trace"]
+    assert any(t.info.get("num_clusters") is not None or t.info.get("objective") is not None for t in trace)
+    assert rec["kv"]["kv_peak"] == max(t.kv_tokens for t in trace)
