@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ets.config import SamplingConfig
 from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step
@@ -145,14 +146,15 @@ class HFPolicy(Policy):
         return c
 
     # --- KV assembly -------------------------------------------------------------------------
-    def _gather(self, chains: list[list[Segment]], lengths: list[int], width: int) -> KV:
-        """Left-padded batch of the held KV of each chain: per layer k, v: [B, H, width, D];
-        row b's `lengths[b]` tokens sit at the right end; padding is zeros (masked out)."""
+    def _gather(self, chains: list[list[Segment]], lengths: list[int], width: int, extra: int = 0) -> KV:
+        """Left-padded batch of the held KV of each chain: per layer k, v: [B, H, width + extra, D];
+        row b's `lengths[b]` tokens end at position width - 1; padding is zeros (masked out);
+        the `extra` positions after `width` are room for decoding."""
         first = next(s for chain in chains for s in chain if s.fed)
         batch = []
         for layer, (k0, _) in enumerate(first.kv):
             H, _, D = k0.shape
-            k = k0.new_zeros(len(chains), H, width, D)
+            k = k0.new_zeros(len(chains), H, width + extra, D)
             v = torch.zeros_like(k)
             for b, chain in enumerate(chains):
                 pos = width - lengths[b]
@@ -172,9 +174,11 @@ class HFPolicy(Policy):
         return out.logits[:, -1]  # [B, V]
 
     def _cache(self, kv: KV | None):
-        from transformers import DynamicCache
-
         return DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
+
+    def _decode_cache(self, buffers: KV, used: int):
+        """A cache over preallocated buffers (no reallocation per decoded token)."""
+        return Cache(layers=[_BufferLayer(k, v, used) for k, v in buffers])
 
     # --- prefill -----------------------------------------------------------------------------
     def _prefill(self, targets: list[Segment]) -> None:
@@ -274,7 +278,7 @@ class HFPolicy(Policy):
         chains = [[s for s in r.parent.path() if s.fed] for r in live]
         held = [sum(s.fed for s in chain) for chain in chains]
         P = max(held)
-        cache = self._cache(self._gather(chains, held, P))
+        cache = self._decode_cache(self._gather(chains, held, P, extra=sampling.max_step_tokens), P)
         mask = torch.zeros(len(live), P, dtype=torch.long, device=self.device)
         for b, h in enumerate(held):
             mask[b, P - h:] = 1
@@ -319,6 +323,38 @@ class HFPolicy(Policy):
         kv = None if fed == 0 else [(layer.keys[b, :, base:base + fed], layer.values[b, :, base:base + fed])
                                     for layer in cache.layers]
         self.store.add_step(r.parent, tuple(r.tokens), kv, fed)
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer writing into a preallocated buffer: k, v: [B, H, capacity, D], of which the
+    first `used` positions are valid; `keys`/`values` are views of those. Saves the per-token
+    reallocation of the whole cache that a growing DynamicLayer does."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, used: int):
+        super().__init__()
+        self.buf_k, self.buf_v, self.used = k, v, used
+        self.device, self.is_initialized = k.device, True
+        self._views()
+
+    def _views(self):
+        self.keys, self.values = self.buf_k[:, :, :self.used], self.buf_v[:, :, :self.used]
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.used + n > self.buf_k.shape[2]:
+            raise RuntimeError("decode buffer overflow")  # sized for max_step_tokens: a bug
+        self.buf_k[:, :, self.used:self.used + n] = key_states
+        self.buf_v[:, :, self.used:self.used + n] = value_states
+        self.used += n
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self._views()
 
 
 def load_policy(path: str | None = None, device=None, kv_capacity: int | None = None, dtype=None,

@@ -111,7 +111,7 @@ class KVStore:
             return
         assert seg.fed + n <= len(seg.tokens), "more KV than tokens"
         if seg.kv is None:
-            seg.kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+            seg.kv = [(k.clone(), v.clone()) for k, v in kv]  # own copies: never pin a batch buffer
         else:
             seg.kv = [(torch.cat([k0, k], 1), torch.cat([v0, v], 1)) for (k0, v0), (k, v) in zip(seg.kv, kv)]
         seg.fed += n
