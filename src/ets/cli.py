@@ -166,10 +166,15 @@ def _execute(groups, task, a, rc):
         try:
             return await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
                                   agg=rc.agg, progress=not a.no_progress)
+        except KeyboardInterrupt:  # SIGTERM (see _sigterm_as_interrupt): end the task cleanly
+            return None
         finally:
             await _close(policy, prm)
 
-    return asyncio.run(go())
+    outcomes = asyncio.run(go())
+    if outcomes is None:
+        raise KeyboardInterrupt
+    return outcomes
 
 
 def _fmt_summary(s: dict) -> str:
