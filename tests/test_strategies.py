@@ -9,7 +9,7 @@ from ets.config import SearchConfig
 from ets.engines.mock import MockPolicy
 from ets.prm.base import PRMError
 from ets.prm.mock import MockPRM
-from ets.search import search
+from ets.search import StepDelimiterError, search
 from ets.strategies import STRATEGIES, Frontier, build_strategy
 from ets.strategies.ets import ETSConfig, ets_select, paper_lambda_s
 from ets.strategies.rebase import rebase_allocate
@@ -165,10 +165,17 @@ def test_missing_prm_score_is_an_error():
         asyncio.run(search("q", MockPolicy(), prm, cfg))
 
 
-def test_policy_that_never_delimits_is_capped():
+def test_policy_that_never_delimits_is_a_clear_error():
     cfg = SearchConfig(strategy="rebase", width=4, max_tokens=64)
-    result = asyncio.run(search("q", MockPolicy(never_delimit=True), MockPRM(), cfg))
-    assert all(n.finish == "cap" for n in result.tree.nodes if not n.children and not n.is_root)
+    with pytest.raises(StepDelimiterError, match="--step-delimiter"):
+        asyncio.run(search("q", MockPolicy(never_delimit=True), MockPRM(), cfg))
+
+
+def test_long_steps_are_capped_by_max_tokens():
+    cfg = SearchConfig(strategy="rebase", width=4, max_tokens=12, max_depth=10)
+    result = asyncio.run(search("q", MockPolicy(finish_rate=0.0), MockPRM(), cfg))
+    leaves = [n for n in result.tree.nodes if not n.children and not n.is_root]
+    assert leaves and all(n.finish == "cap" and n.cum_tokens >= 12 for n in leaves if n.finish)
     assert result.solutions == []
 
 

@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass, field
 
 from ets.config import SearchConfig
-from ets.engines.base import EOS, Expansion, Policy
+from ets.engines.base import EOS, LENGTH, Expansion, Policy
 from ets.extract import has_final_answer
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 from ets.strategies import Frontier, Strategy, build_strategy
 from ets.tree import ANSWER, CAP, DEPTH, Node, Tree, kv_footprint
+
+
+class StepDelimiterError(RuntimeError):
+    """The policy never ended a step with the step delimiter: almost surely the wrong delimiter."""
 
 
 @dataclass
@@ -130,6 +134,13 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
                 child = tree.add_child(req.node, step.token_ids, step.text, step.stop_reason, step.logprobs)
                 counters["generated_tokens"] += len(step.token_ids)
                 children.append(child)
+        if depth == 0 and all(c.stop_reason == LENGTH for c in children):
+            policy.release(children)
+            raise StepDelimiterError(
+                f"policy {policy.name} produced {len(children)} first steps and none ended with the step "
+                f"delimiter {cfg.sampling.step_delimiter!r} (or EOS) within max_step_tokens="
+                f"{cfg.sampling.max_step_tokens}: this model does not use that delimiter. Set "
+                "--step-delimiter to what it emits between steps, or raise --max-step-tokens.")
         await _score(question, prm, children)
         counters["prm_calls"] += 1
 
