@@ -289,7 +289,12 @@ class ServerPolicy(Policy):
         server = prob.server
         window = await server.monitor.open() if server.monitor else None
         try:
-            steps = await asyncio.gather(*(self._sample(server, r.node, r.n, sampling) for r in reqs))
+            # wait for every request (none is left running unobserved), then raise the first error
+            steps = await asyncio.gather(*(self._sample(server, r.node, r.n, sampling) for r in reqs),
+                                         return_exceptions=True)
+            for res in steps:
+                if isinstance(res, BaseException):
+                    raise res
         except ServerError:
             server.down = True
             server.counters["failures"] += 1
