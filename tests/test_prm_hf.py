@@ -115,7 +115,7 @@ def test_qwen_prm_reads_class_one_at_each_separator(tmp_path):
     model = tiny_qwen_head(len(tok))
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    prm = QwenPRM.load(tmp_path, device="cpu", batch_size=3)
+    prm = QwenPRM(str(tmp_path), device="cpu", batch_size=3)  # from a folder
     assert prm.tag_id == tok.convert_tokens_to_ids("<extra_0>")
     requests = [ScoreRequest("1 + 2 = ?", path(p)) for p in PATHS]
     scores = run(prm.score(requests))
@@ -145,3 +145,17 @@ def test_math_shepherd_drives_a_search(shepherd, tmp_path):
     res = run(search("what is 6 * 7?", MockPolicy(seed=1), shepherd, cfg))
     scored = [n for n in res.tree.nodes[1:]]
     assert scored and all(n.score is not None and 0 < n.score < 1 for n in scored)
+
+
+def test_cli_specs_build_the_adapters_from_folders(tmp_path):
+    from ets.factory import make_prm
+
+    tok = tokenizer()
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "ms")
+    tok.save_pretrained(tmp_path / "ms")
+    prm = make_prm(f"math-shepherd:{tmp_path / 'ms'}", None, seed=0)
+    assert isinstance(prm, MathShepherdPRM) and prm.tag_id == tok.convert_tokens_to_ids("ки")
+    assert len(run(prm.score([ScoreRequest("q", path(["1 + 2 = 3", "so 3"]))]))[0]) == 2
+    tiny_qwen_head(len(tok)).save_pretrained(tmp_path / "qw")
+    tok.save_pretrained(tmp_path / "qw")
+    assert isinstance(make_prm(f"qwen-prm:{tmp_path / 'qw'}", None, seed=0), QwenPRM)

@@ -132,6 +132,8 @@ class KVStore:
             return
         self._consumed.add(node)
         seg.claims -= 1
+        if seg.claims <= 0:  # no node will start children from here again
+            seg.next_logits = None
         self._maybe_free(seg)
 
     def _maybe_free(self, seg: Segment) -> None:

@@ -40,7 +40,9 @@ class StepTagPRM(RewardModel):
     name = "step-tag"
 
     def __init__(self, model, tokenizer, tag: str, insert_tag: bool = True, step_delimiter: str | None = None,
-                 device=None, batch_size: int = 8, max_length: int | None = None):
+                 device=None, batch_size: int = 8, max_length: int | None = None, dtype=None):
+        if tokenizer is None:  # `model` is a local folder
+            model, tokenizer = self.from_folder(model, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tok, self.tag, self.insert_tag = tokenizer, tag, insert_tag
@@ -65,6 +67,10 @@ class StepTagPRM(RewardModel):
         if t.endswith(self.tag):
             t = t[: -len(self.tag)].rstrip()
         return t
+
+    def from_folder(self, path, dtype):
+        """(model, tokenizer) loaded from a local folder."""
+        raise NotImplementedError
 
     def _format(self, question: str, steps: list[str]) -> str:
         raise NotImplementedError
@@ -118,14 +124,17 @@ class StepTagPRM(RewardModel):
 
 class MathShepherdPRM(StepTagPRM):
     """Math-Shepherd-style PRM over a causal LM (e.g. peiyi9979/math-shepherd-mistral-7b-prm,
-    from a local folder). Input: "{question} {step 1} ки\\n{step 2} ки\\n..."."""
+    from a local folder). Input: "{question} {step 1} ки\\n{step 2} ки\\n...".
+    `model` is a loaded model (with `tokenizer`) or a local folder (tokenizer None)."""
 
     name = "math-shepherd"
 
-    def __init__(self, model, tokenizer, tag: str = "ки", good: str = "+", bad: str = "-", **kw):
-        super().__init__(model, tokenizer, tag, **kw)
-        self.good_id = single_token(tokenizer, good, "good token")
-        self.bad_id = single_token(tokenizer, bad, "bad token")
+    def __init__(self, model, tokenizer=None, tag: str = "ки", good: str = "+", bad: str = "-",
+                 insert_tag: bool = True, step_delimiter: str | None = None, device=None, batch_size: int = 8,
+                 max_length: int | None = None, dtype=None):
+        super().__init__(model, tokenizer, tag, insert_tag, step_delimiter, device, batch_size, max_length, dtype)
+        self.good_id = single_token(self.tok, good, "good token")
+        self.bad_id = single_token(self.tok, bad, "bad token")
 
     def _format(self, question: str, steps: list[str]) -> str:
         return f"{question} " + "".join(f"{s} {self.tag}\n" for s in steps)
@@ -135,10 +144,8 @@ class MathShepherdPRM(StepTagPRM):
         pair = logits[..., [self.good_id, self.bad_id]].float()  # [B, T, 2]
         return pair.softmax(-1)[..., 0]
 
-    @classmethod
-    def load(cls, path: str | Path, device=None, dtype=None, **kw) -> MathShepherdPRM:
+    def from_folder(self, path: str | Path, dtype=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
-        return cls(model, tok, device=device, **kw)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tok

@@ -20,8 +20,14 @@ SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}
 class QwenPRM(StepTagPRM):
     name = "qwen-prm"
 
-    def __init__(self, model, tokenizer, tag: str = "<extra_0>", system: str = SYSTEM, **kw):
-        super().__init__(model, tokenizer, tag, **kw)
+    def __init__(self, model, tokenizer=None, tag: str = "<extra_0>", system: str = SYSTEM,
+                 insert_tag: bool = True, step_delimiter: str | None = None, device=None, batch_size: int = 8,
+                 max_length: int | None = None, dtype=None, trust_remote_code: bool = False):
+        """`model`: a loaded model (with `tokenizer`) or a local folder (tokenizer None).
+        Qwen2.5-Math-PRM needs trust_remote_code=True (its reward head is remote code); a folder
+        holding a 2-label token-classification model loads without it."""
+        self.trust_remote_code = trust_remote_code
+        super().__init__(model, tokenizer, tag, insert_tag, step_delimiter, device, batch_size, max_length, dtype)
         self.system = system
 
     def _format(self, question: str, steps: list[str]) -> str:
@@ -39,15 +45,11 @@ class QwenPRM(StepTagPRM):
             raise ValueError(f"a Qwen-style PRM head gives 2 logits per token, got {logits.shape[-1]}")
         return logits.float().softmax(-1)[..., 1]
 
-    @classmethod
-    def load(cls, path: str | Path, device=None, dtype=None, trust_remote_code: bool = False, **kw) -> QwenPRM:
-        """Qwen2.5-Math-PRM needs trust_remote_code=True (its reward head is remote code); a
-        folder holding a token-classification model with 2 labels loads without it."""
+    def from_folder(self, path: str | Path, dtype=None):
         from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        if trust_remote_code:
-            model = AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True)
-        else:
-            model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto")
-        return cls(model, tok, device=device, **kw)
+        trc = self.trust_remote_code
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trc)
+        if trc:
+            return AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True), tok
+        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto"), tok
