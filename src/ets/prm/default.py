@@ -30,7 +30,8 @@ from typing import Sequence
 from ets.prm.base import RewardModel, ScoreRequest
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-_RUN = re.compile(r"[-+*/().\d\s]*\d[-+*/().\d\s]*(?:=[-+*/().\d\s]*\d[-+*/().\d\s]*)+")
+# maximal runs of arithmetic characters (linear time: no nested quantifiers)
+_RUN = re.compile(r"[-+*/().\d\s=]+")
 
 
 def normalise(text: str) -> str:
@@ -89,7 +90,10 @@ def check_arithmetic(text: str) -> tuple[int, int]:
     "3 * 4 = 12 + 5 = 17" is accepted: a left side may equal the right side's leading number."""
     correct = wrong = 0
     for run in _RUN.finditer(normalise(text)):
+        if "=" not in run.group(0):
+            continue
         parts = run.group(0).split("=")
+        parts[0] = re.sub(r"^[\s.)*/+=]+", "", parts[0])  # sentence punctuation before the expression
         for left, right in zip(parts, parts[1:]):
             if not re.search(r"\d\s*[-+*/]\s*[\d(]|\)\s*[-+*/]", left + " " + right):
                 continue
