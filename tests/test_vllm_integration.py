@@ -23,7 +23,7 @@ pytestmark = pytest.mark.server
 # Small on purpose: three problems in flight at width 4 on two CPU cores. Steps may be 64 tokens:
 # the search rejects a first depth where no step reached the delimiter, and this model's first
 # steps often run past 16-32 tokens. Depth 3 still includes one ETS pruning decision (depth 2).
-CFG = SearchConfig(strategy="ets", width=4, max_tokens=128, max_depth=3, seed=0,
+CFG = SearchConfig(strategy="ets", width=4, max_tokens=96, max_depth=3, seed=0,
                    sampling=SamplingConfig(max_step_tokens=64),
                    strategy_params={"embedder": "hash"})
 
