@@ -147,6 +147,8 @@ def main(argv=None) -> int:
                      f" | {_f(r['tokens_per_s'] / b['tokens_per_s'] if b['tokens_per_s'] else None, '{:.2f}')}x"
                      f" | {100 * (r['accuracy'] - b['accuracy']):+.1f} |")
     front = pareto([(r["kv_mean"], r["accuracy"]) for r in rows])
+    if meta.get("not_run"):
+        lines += ["", f"Not run before the deadline (no problem finished): {', '.join(meta['not_run'])}."]
     lines += ["", "Non-dominated (accuracy vs mean KV): " + ", ".join(f"{rows[i]['method']} W{rows[i]['width']}"
                                                                       for i in front), "", "![frontier](frontier.png)"]
     text = "\n".join(lines) + "\n"

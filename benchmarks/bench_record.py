@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -480,6 +481,8 @@ def write_report(out: Path, rows: list[dict], meta: dict, extra_md: str = "") ->
           f"max_step_tokens {meta['max_step_tokens']}; kv_capacity {meta.get('kv_capacity')}; "
           f"{meta['concurrency']} problem(s) in flight; interleaved {meta['interleave']}",
           "", table(rows), "", "## ETS / REBASE", ""] + (ratio_lines(rats) or ["(no ETS + REBASE pair)"])
+    if meta.get("not_run"):
+        md += ["", f"Not reported (stopped before finishing any problem): {', '.join(meta['not_run'])}."]
     if extra_md:
         md += ["", extra_md]
     text = "\n".join(md) + "\n"
@@ -612,11 +615,23 @@ async def run_all(args, method_specs: list[str], log=print) -> tuple[list[dict],
         rec = next((r for c in bench.combos for r in c["run"].iter_problems()), None)
         if rec:
             policy_name, prm_name = rec.get("policy", policy_name), rec.get("prm", prm_name)
+    not_run = []
+    if args.report_only:  # a config stopped before its first problem has nothing to compare
+        ids_all = {p.id for p in bench.problems}
+        not_run = [c["label"] + f" W={c['width']}" for c in bench.combos
+                   if not any(r["id"] in ids_all for r in c["run"].iter_problems())]
+        bench.combos = [c for c in bench.combos if c["label"] + f" W={c['width']}" not in not_run]
+        if not_run:
+            log(f"not reported (no problem finished): {', '.join(not_run)}")
     ids = bench.common_ids()
     if len(ids) < len(bench.problems):
         log(f"report on the {len(ids)} of {len(bench.problems)} problems that every config finished")
     rows = bench.rows(ids)
-    meta = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "started": started,
+    argv = list(sys.argv[1:])
+    if "--note" in argv:  # the note is printed on its own; keep the command readable
+        i = argv.index("--note")
+        del argv[i:i + 2]
+    meta = {"command": shlex.join([Path(sys.argv[0]).as_posix()] + argv), "started": started,
             "wall_s": time.perf_counter() - t0, "machine": machine(), "engine": args.engine,
             "policy": policy_name, "prm": prm_name, "report_only": args.report_only,
             "embedder": args.embedder, "dataset": args.dataset, "offset": args.offset,
@@ -626,7 +641,9 @@ async def run_all(args, method_specs: list[str], log=print) -> tuple[list[dict],
             "vllm": {"url": url, "kv_cache_gb": args.kv_cache_gb, "blocks": args.vllm_blocks,
                      "block_size": args.vllm_block_size} if args.engine == "vllm" else None,
             "interleave": f"problem-major in chunks of {args.concurrency}, method order rotating per chunk",
-            "methods": method_specs, "widths": args.widths}
+            "methods": method_specs, "widths": args.widths, "not_run": not_run}
+    if args.report_only:  # this process ran nothing: its thread count is not the run's
+        meta["machine"]["torch_threads"] = "see the run's command"
     try:
         meta["machine"]["load_avg_end"] = os.getloadavg()
     except OSError:
