@@ -19,7 +19,7 @@ def toy(tmp_path):
     path = tmp_path / "toy.jsonl"
     path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
                             for i in range(4)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs"), "--limit", "0"]
 
 
 def run_dirs(tmp_path):
@@ -31,8 +31,8 @@ def test_no_args_is_the_main_job(monkeypatch):
     monkeypatch.setattr(cli, "cmd_run", lambda a: seen.setdefault("a", a) and 0)
     assert cli.main([]) == 0
     a = seen["a"]
-    assert (a.strategy, a.width, a.limit, a.dataset, a.policy, a.prm, a.embedder) == (
-        "ets", 4, 5, "gsm8k", "default", "default", "minilm")
+    assert (a.strategy, a.width, a.limit, a.max_tokens, a.dataset, a.policy, a.prm, a.embedder) == (
+        "ets", 4, 3, 256, "gsm8k", "default", "default", "minilm")
 
 
 def test_run_json_and_rerun(tmp_path, toy, capsys):
