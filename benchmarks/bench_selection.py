@@ -46,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--frontiers", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--solver", default="auto", choices=["auto", "milp"])
+    ap.add_argument("--lambda-s", type=float, default=None, help="ETS coverage weight (default: paper value; 0 = DP only)")
     ap.add_argument("--captured", action="store_true", help="also time benchmarks/data/frontier_w*.json")
     args = ap.parse_args(argv)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
@@ -69,7 +70,8 @@ def main(argv=None):
             frontier, labels = make()
             cands = frontier.candidates
             scores = [c.score for c in cands]
-            config = ETSConfig.for_width(width, solver=args.solver)
+            extra = {} if args.lambda_s is None else {"lambda_s": args.lambda_s}
+            config = ETSConfig.for_width(width, solver=args.solver, **extra)
             emb = HashEmbedder().embed([c.text for c in cands])  # clustering time only; labels as given
             _, info = ets_select(scores, cands, frontier.remaining, config, labels)
             solvers[info["solver"]] = solvers.get(info["solver"], 0) + 1
