@@ -111,6 +111,7 @@ def branch_and_bound(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray,
     base = p.outcome.astype(float)
     big = 1.0 + float(np.abs(p.cost).sum()) + float(base.sum()) + g * k_num  # > any objective swing
     best_val, best_keep, visited = -np.inf, None, 0
+    fixed = int(f_in.sum() + f_out.sum())
     stack = [(f_in, f_out)]
     while stack:
         f_in, f_out = stack.pop()
@@ -142,7 +143,7 @@ def branch_and_bound(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray,
         f_in2[j], f_out2[j] = True, True
         stack.append((f_in, f_out2))
         stack.append((f_in2, f_out))  # "keep it" first
-    return Solution(best_keep, p.objective(best_keep), "bnb", int(f_in.sum()), visited)
+    return Solution(best_keep, p.objective(best_keep), "bnb", fixed, visited)
 
 
 def solve_milp(p: SelectionProblem, fixed_in: np.ndarray | None = None,
