@@ -31,8 +31,8 @@ def test_no_args_is_the_main_job(monkeypatch):
     monkeypatch.setattr(cli, "cmd_run", lambda a: seen.setdefault("a", a) and 0)
     assert cli.main([]) == 0
     a = seen["a"]
-    assert (a.strategy, a.width, a.limit, a.max_tokens, a.dataset, a.policy, a.prm, a.embedder) == (
-        "ets", 4, 3, 256, "gsm8k", "default", "default", "minilm")
+    assert (a.strategy, a.width, a.limit, a.max_tokens, a.step_delimiter, a.dataset, a.policy, a.prm,
+            a.embedder) == ("ets", 4, 2, 256, "\n", "gsm8k", "default", "default", "minilm")
 
 
 def test_run_json_and_rerun(tmp_path, toy, capsys):

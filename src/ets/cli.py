@@ -36,7 +36,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--question-field", default="question", help="JSONL field with the question")
     g.add_argument("--answer-field", default="answer", help="JSONL field with the gold answer")
     g.add_argument("--id-field", default=None, help="JSONL field with a unique id (default: <file stem>-<index>)")
-    g.add_argument("--limit", type=int, default=5, help="number of problems (default: run 3, compare 5; 0 = all)")
+    g.add_argument("--limit", type=int, default=5, help="number of problems (default: run 2, compare 5; 0 = all)")
     g.add_argument("--offset", type=int, default=0, help="skip this many problems first")
     g.add_argument("--ids", type=_csv, default=None, help="comma-separated problem ids (overrides limit/offset)")
     g = p.add_argument_group("models")
@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
     g.add_argument("--max-depth", type=int, default=25, help="depth cap (default 25)")
     g.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (default 256)")
-    g.add_argument("--step-delimiter", type=_delimiter, default="\n\n", help="step delimiter (default '\\n\\n')")
+    g.add_argument("--step-delimiter", type=_delimiter, default="\n\n", help="step delimiter (default: run '\\n' for the default model, compare '\\n\\n' as the spec)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--kv-block-size", type=int, default=16)
@@ -74,16 +74,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
     sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve}")
-    r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 3 GSM8K problems, "
+    r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 2 GSM8K problems, "
                                    "256 tokens per trajectory: the few-minute CPU job)")
     r.add_argument("--strategy", default="ets", help="ets | rebase | beam | dvts | best_of_n (default ets)")
     r.add_argument("--width", type=int, default=4, help="width W (default 4)")
     r.add_argument("--resume", default=None, metavar="DIR", help="resume this run directory")
     _add_common(r)
     # The no-argument job must finish in a few minutes on 2 CPU cores (SmolLM2-135M at ~14 tok/s):
-    # 3 problems and 256 generated tokens per trajectory. SearchConfig and `compare` keep the
-    # spec's 1024; pass --max-tokens 1024 --limit N for that here.
-    r.set_defaults(limit=3, max_tokens=256)
+    # 2 problems and 256 generated tokens per trajectory; and the default model ends its steps
+    # with a single newline (with "\n\n" its first step runs to the token cap and no tree forms).
+    # SearchConfig and `compare` keep the spec's 1024 and "\n\n".
+    r.set_defaults(limit=2, max_tokens=256, step_delimiter="\n")
     c = sub.add_parser("compare", help="several methods x widths on the same problems, interleaved")
     c.add_argument("--methods", type=_csv, default=["ets", "rebase"], help="comma list (default ets,rebase)")
     c.add_argument("--widths", type=lambda s: [int(x) for x in _csv(s)], default=[4, 8], help="comma list (default 4,8)")
