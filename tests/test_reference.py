@@ -23,7 +23,7 @@ def _problem(case):
     cands = [nodes[i] for i in case["candidates"]]
     rebase = rebase_allocate(case["scores"], case["width"], case["softmax_temperature"], cap=False)
     labels = case["clusters"] if case["distinct_step_texts"] else None
-    return build_problem(cands, case["width"], rebase, case["lambda_c"], case["lambda_s"], labels), rebase
+    return build_problem(cands, rebase, case["lambda_c"], case["lambda_s"], labels), rebase
 
 
 def test_reference_file_has_cases():

@@ -59,7 +59,7 @@ def _random_problem(seed, n=8, clusters=True, **kw):
     labels = [rng.randint(0, max(1, len(cands) // 2)) for _ in cands] if clusters else None
     lam_c = kw.pop("lambda_c", rng.choice([0.0, 0.5, 1.0, 3.0]))
     lam_s = kw.pop("lambda_s", rng.choice([0.0, 0.5, 1.5]))
-    return build_problem(cands, width, alloc, lam_c, lam_s, labels, **kw)
+    return build_problem(cands, alloc, lam_c, lam_s, labels, **kw)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -93,7 +93,7 @@ def test_dp_keeps_one_child_when_none_pays():
     # root -> a -> {c1, c2}; tiny weights, big cost: the best is one cheapest candidate.
     _, nodes = tree_from_parents({0: None, 1: 0, 2: 1, 3: 1})
     cands = [nodes[2], nodes[3]]
-    p = build_problem(cands, 4, [2, 2], lambda_c=10.0, lambda_s=0.0, clusters=None)
+    p = build_problem(cands, [2, 2], lambda_c=10.0, lambda_s=0.0, clusters=None)
     value, keep = TreeDP(p.parent, p.depth, p.n_cand).solve(p.outcome, p.cost)
     assert keep.sum() == 1
     assert value == pytest.approx(0.5 - 10.0 * 3 / 4)
@@ -105,8 +105,8 @@ def test_token_cost_prunes_the_long_branch():
     nodes[1].token_ids = [0] * 200
     nodes[2].token_ids = [0] * 5
     cands = [nodes[3], nodes[4]]
-    per_node = build_problem(cands, 8, [4, 4], 1.0, 0.0, None, node_cost="nodes")
-    per_token = build_problem(cands, 8, [4, 4], 1.0, 0.0, None, node_cost="tokens")
+    per_node = build_problem(cands, [4, 4], 1.0, 0.0, None, node_cost="nodes")
+    per_token = build_problem(cands, [4, 4], 1.0, 0.0, None, node_cost="tokens")
     assert solve(per_node).keep.tolist() == [True, True]  # 0.5 > 2/5 for each branch
     assert solve(per_token).keep.tolist() == [False, True]
 
@@ -116,10 +116,10 @@ def test_kv_budget_is_a_hard_cap():
     cands = random_frontier(rng, 12, 3)
     scores = [rng.random() for _ in cands]
     alloc = rebase_allocate(scores, 16, 0.5, cap=False)
-    free = build_problem(cands, 16, alloc, 0.0, 0.0, None)
+    free = build_problem(cands, alloc, 0.0, 0.0, None)
     full = int(free.tokens[free.kept_nodes(solve(free).keep)].sum())
     budget = full // 2
-    p = build_problem(cands, 16, alloc, 0.0, 0.0, None, kv_budget=budget)
+    p = build_problem(cands, alloc, 0.0, 0.0, None, kv_budget=budget)
     sol = solve(p)
     assert p.violations(sol.keep) == []
     assert p.tokens[p.kept_nodes(sol.keep)].sum() <= budget
@@ -127,7 +127,7 @@ def test_kv_budget_is_a_hard_cap():
 
 def test_infeasible_kv_budget_names_the_fix():
     _, nodes = tree_from_parents({0: None, 1: 0, 2: 1})
-    p = build_problem([nodes[2]], 4, [4], 1.0, 0.0, None, kv_budget=1)
+    p = build_problem([nodes[2]], [4], 1.0, 0.0, None, kv_budget=1)
     with pytest.raises(InfeasibleSelection, match=r"Raise --kv-budget to at least 3"):
         solve(p)
 
@@ -140,7 +140,7 @@ def test_larger_lambda_s_keeps_more_clusters():
     labels = [i % 10 for i in range(len(cands))]
     alloc = rebase_allocate(scores, 32, 0.2, cap=False)
     for lam_s in (0.0, 0.5, 1.5, 5.0):
-        p = build_problem(cands, 32, alloc, 1.0, lam_s, labels)
+        p = build_problem(cands, alloc, 1.0, lam_s, labels)
         keep = solve(p).keep
         kept.append(len(set(np.array(labels)[keep])))
     assert kept == sorted(kept) and kept[-1] > kept[0]
@@ -148,6 +148,6 @@ def test_larger_lambda_s_keeps_more_clusters():
 
 def test_objective_counts_each_cluster_once():
     _, nodes = tree_from_parents({0: None, 1: 0, 2: 0})
-    p = build_problem([nodes[1], nodes[2]], 2, [1, 1], 1.0, 1.0, [0, 0])
+    p = build_problem([nodes[1], nodes[2]], [1, 1], 1.0, 1.0, [0, 0])
     both = p.objective(np.array([True, True]))
     assert both == pytest.approx(1.0 - 3 / 3 + 1.0)

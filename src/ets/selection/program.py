@@ -76,7 +76,7 @@ class SelectionProblem:
         return out
 
 
-def build_problem(candidates: Sequence[Node], remaining: int, outcome_alloc: Sequence[int],
+def build_problem(candidates: Sequence[Node], outcome_alloc: Sequence[int],
                   lambda_c: float, lambda_s: float, clusters: Sequence[int] | None,
                   node_cost: str = "nodes", kv_budget: int | None = None) -> SelectionProblem:
     """The program for one depth. `clusters` None (or coverage condition unmet) drops the

@@ -57,7 +57,7 @@ def ets_select(scores, candidates, remaining: int, config: ETSConfig, labels) ->
     """One ETS decision given cluster labels (None: coverage term off)."""
     # outcome weights exactly as the reference computes them (uncapped; see rebase_allocate)
     rebase = rebase_allocate(scores, remaining, config.softmax_temperature, cap=False)
-    problem = build_problem(candidates, remaining, rebase, config.lambda_c, config.lambda_s, labels,
+    problem = build_problem(candidates, rebase, config.lambda_c, config.lambda_s, labels,
                             config.node_cost, config.kv_budget)
     sol = solve(problem, config.solver)
     alloc = rebase_allocate(scores, remaining, config.softmax_temperature, keep=sol.keep)
