@@ -156,7 +156,8 @@ def test_sigkill_mid_run_then_rerun_loses_and_recomputes_nothing(tmp_path):
     assert f"{len(before)} already done" in res.stderr
 
 
-def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_exits_130_and_writes_the_summary(tmp_path, signum):
     make_dataset(tmp_path / "toy.jsonl", 120)
     cmd = [sys.executable, "-m", "ets.cli", "run", "--policy", "mock", "--prm", "mock", "--embedder", "hash",
            "--strategy", "rebase", "--dataset", str(tmp_path / "toy.jsonl"), "--id-field", "id", "--limit", "0",
@@ -165,7 +166,7 @@ def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/problems/*.json"))) < 3:
         time.sleep(0.005)
-    proc.terminate()
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "never retrieved" not in err

@@ -168,13 +168,27 @@ def _execute(groups, task, a, rc):
 
     policy, prm = _models(a, rc)
 
+    terminated = []
+
     async def go():
+        # Inside the loop SIGTERM cancels this task, as asyncio.run does for Ctrl-C: the stop lands
+        # on an await, never mid-statement (a KeyboardInterrupt raised inside an exec'd string,
+        # e.g. a dataclass being built, makes CPython exit by SIGINT whatever main returns).
+        me, loop = asyncio.current_task(), asyncio.get_running_loop()
+        watching = _watch_sigterm(loop, lambda: (terminated.append(True), me.cancel()))
         try:
             return await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
                                   agg=rc.agg, progress=not a.no_progress)
-        except KeyboardInterrupt:  # SIGTERM (see _sigterm_as_interrupt): end the task cleanly
+        except asyncio.CancelledError:
+            if not terminated:
+                raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
+            return None
+        except KeyboardInterrupt:  # SIGTERM before the loop handler was in place
             return None
         finally:
+            if watching:  # removing leaves SIG_DFL: put the raising handler back for the summary
+                loop.remove_signal_handler(signal.SIGTERM)
+                _sigterm_as_interrupt()
             await _close(policy, prm)
 
     outcomes = asyncio.run(go())
@@ -392,6 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _watch_sigterm(loop, callback) -> bool:
+    """Route SIGTERM to callback inside the event loop; False where the loop cannot (not the main thread)."""
+    try:
+        loop.add_signal_handler(signal.SIGTERM, callback)
+        return True
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _sigterm_as_interrupt():

@@ -6,6 +6,7 @@ PRM scores them -> tree grows] until the width is used up -> the tree, its trace
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
     frontier: list[Node] = [tree.root]  # nodes created at the current depth
     depth = 0
     while True:
+        # a suspension point per depth: engines that compute inside the loop never yield, and a
+        # cancellation (Ctrl-C, SIGTERM) can only land on a real suspension
+        await asyncio.sleep(0)
         if depth == 0:
             candidates, finished = [tree.root], []
         else:
