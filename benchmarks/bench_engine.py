@@ -9,7 +9,7 @@
       random scores (same trees, same width), and with --random-search a REBASE search driven by
       random scores.
 
-    python benchmarks/bench_engine.py --problems 20 --width 16
+    python benchmarks/bench_engine.py --problems 20 --width 16 [--concurrency 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -96,13 +96,23 @@ def bench_plain(policy, question: str, width: int, step_tokens: int) -> list[tup
     ]
 
 
-def bench_search(policy, prm, task, problems, cfg: SearchConfig) -> dict:
+def bench_search(policy, prm, task, problems, cfg: SearchConfig, concurrency: int = 1) -> dict:
+    """Search every problem, `concurrency` in flight at once (their steps share decode batches)."""
     before = policy.stats()
     t0 = time.perf_counter()
     results, correct, gen = [], 0, 0
     kv_mean, kv_peak, held_peak = [], [], []
-    for p in problems:
-        res = asyncio.run(search(task.prompt(p), policy, prm, cfg))
+
+    async def all_problems():
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(p):
+            async with sem:
+                return await search(task.prompt(p), policy, prm, cfg)
+
+        return await asyncio.gather(*(one(p) for p in problems))
+
+    for p, res in zip(problems, asyncio.run(all_problems())):
         sel = select_from_tree(res.tree, task)
         ok = task.grade(sel.answer, p.gold)
         correct += ok
@@ -151,11 +161,15 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="ets,rebase")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--max-step-tokens", type=int, default=256)
+    ap.add_argument("--step-delimiter", default="\n",
+                    help="step delimiter (default: a newline, as `ets run` uses for the default model)")
     ap.add_argument("--plain-step-tokens", type=int, default=64, help="(i): tokens per step of the tree")
     ap.add_argument("--policy", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--random-search", action="store_true", help="(iii): also search with random scores")
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="problems in flight at once in (ii); their steps are decoded in shared batches")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -165,7 +179,7 @@ def main(argv=None) -> None:
     task, problems = load_dataset("gsm8k", limit=args.problems)
     print(f"machine: {machine(policy)}")
     print(f"policy: {policy.name}; PRM: default; width {args.width}; {len(problems)} GSM8K problems "
-          f"(first {args.problems}), one problem in flight; max_tokens {args.max_tokens}, "
+          f"(first {args.problems}), {args.concurrency} problem(s) in flight; max_tokens {args.max_tokens}, "
           f"max_step_tokens {args.max_step_tokens}")
 
     if not args.skip_plain:
@@ -181,8 +195,9 @@ def main(argv=None) -> None:
     runs = {}
     for method in args.methods.split(","):
         cfg = SearchConfig(strategy=method, width=args.width, max_tokens=args.max_tokens, seed=args.seed,
-                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens))
-        runs[method] = bench_search(policy, prm, task, problems, cfg)
+                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens,
+                                                   step_delimiter=args.step_delimiter))
+        runs[method] = bench_search(policy, prm, task, problems, cfg, args.concurrency)
     table(f"(ii) search at width {args.width} on {len(problems)} GSM8K problems (weighted vote, DefaultPRM)",
           list(runs.items()), ["accuracy", "kv_mean", "kv_peak", "held_peak", "generated", "tok_s",
                                "problems_s", "wall_s"])
@@ -193,8 +208,9 @@ def main(argv=None) -> None:
                               "majority": revote(task, r["results"], "majority")}))
     if args.random_search:
         cfg = SearchConfig(strategy="rebase", width=args.width, max_tokens=args.max_tokens, seed=args.seed,
-                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens))
-        rs = bench_search(policy, RandomPRM(args.seed), task, problems, cfg)
+                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens,
+                                                   step_delimiter=args.step_delimiter))
+        rs = bench_search(policy, RandomPRM(args.seed), task, problems, cfg, args.concurrency)
         rows.append(("rebase,rand-PRM", {"prm_weighted": float("nan"), "random_weighted": rs["accuracy"],
                                          "majority": revote(task, rs["results"], "majority")}))
     table("(iii) PRM worth: accuracy of the vote on the same trees (random = solution scores drawn at random)",

@@ -164,6 +164,32 @@ def test_search_computes_each_token_once_and_kv_follows_the_live_tree(strategy):
     assert policy.store.tokens == 0  # everything released at the end
 
 
+def test_problems_in_flight_are_decoded_in_one_batch_and_each_token_once():
+    """Three searches at once through one policy: their expansions share decode batches (fewer
+    engine calls than search calls, wider batches), and each tree is still computed exactly
+    once and fully released."""
+    policy = tiny_policy(seed=5)
+    cfg = SearchConfig(strategy="rebase", width=4, max_tokens=40, max_depth=6, sampling=SAMPLING)
+    questions = ["5 + 7 = x .", "1 + 2 = x .", "3 + 3 = x ."]
+
+    async def together():
+        return await asyncio.gather(*(search(q, policy, DefaultPRM(), cfg) for q in questions))
+
+    results = run(together())
+    stats = policy.stats()
+    calls = sum(r.counters["policy_calls"] for r in results)
+    assert stats["batched_calls"] == calls
+    assert stats["policy_calls"] < calls  # merged across problems
+    assert stats["max_batch_rows"] > cfg.width  # one problem alone never decodes more than W rows
+    never = 0
+    for r in results:  # node ids are per tree
+        expanded = {n.parent.id for n in r.tree.nodes[1:]}
+        never += sum(1 for n in r.tree.nodes[1:] if n.id not in expanded)
+    assert stats["computed_tokens"] == sum(unique_tokens(r.tree) for r in results) - never
+    policy.store.check()
+    assert policy.store.tokens == 0
+
+
 def test_kv_capacity_decodes_in_waves_and_is_never_exceeded():
     sampling = SamplingConfig(max_step_tokens=6, step_delimiter=".")
     free = tiny_policy(seed=2)

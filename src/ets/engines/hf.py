@@ -18,6 +18,7 @@ because every token is fed once, except the last token of a step that was never 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from pathlib import Path
@@ -90,12 +91,15 @@ class HFPolicy(Policy):
         self.eos_ids = {e for e in eos if e is not None}
         self.eos_token_id = tokenizer.eos_token_id
         self.store = KVStore()
+        self._queue: list[tuple[list[Expansion], SamplingConfig, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
         # transformers >= 5.2x names the cache argument `cache`; older versions `past_key_values`
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.counters = {"policy_calls": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_calls": 0,
                          "decode_steps": 0, "waves": 0, "rows": 0, "max_batch_rows": 0, "generated_tokens": 0,
-                         "peak_inflight_kv_tokens": 0, "expand_s": 0.0}
+                         "peak_inflight_kv_tokens": 0, "expand_s": 0.0,
+                         "batched_calls": 0}
 
     # --- Policy interface ----------------------------------------------------------------
     def format_prompt(self, question: str) -> tuple[list[int], str]:
@@ -110,6 +114,46 @@ class HFPolicy(Policy):
         return self.tok(text, add_special_tokens=False)["input_ids"], text
 
     async def expand(self, requests: Sequence[Expansion], sampling: SamplingConfig) -> list[list[Step]]:
+        """Calls from problems in flight together (runner concurrency > 1) are decoded as one
+        batch, as a serving engine batches requests: a call queues, and the batch runs once the
+        other problems have had their turn to queue (see _drain)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((list(requests), sampling, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        # Yield until the queue stops growing: a problem woken by the last batch needs a tick or
+        # two (its own suspension points) to reach its next expand. Compute is synchronous, so
+        # nothing queues while a batch runs.
+        size = -1
+        while size != len(self._queue):
+            size = len(self._queue)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        batch, self._queue = [c for c in self._queue if not c[2].done()], []  # done = caller cancelled
+        groups: dict[SamplingConfig, list] = {}
+        for call in batch:
+            groups.setdefault(call[1], []).append(call)
+        for sampling, calls in groups.items():
+            merged = [r for reqs, _, _ in calls for r in reqs]
+            try:
+                steps = self._expand_now(merged, sampling)
+            except Exception as e:  # noqa: BLE001  (each caller gets the error)
+                for _, _, fut in calls:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            i = 0
+            for reqs, _, fut in calls:
+                if not fut.done():
+                    fut.set_result(steps[i:i + len(reqs)])
+                i += len(reqs)
+        self.counters["batched_calls"] += len(batch)
+
+    def _expand_now(self, requests: Sequence[Expansion], sampling: SamplingConfig) -> list[list[Step]]:
         t0 = time.perf_counter()
         self.counters["policy_calls"] += 1
         segs = [self.store.segment(r.node) for r in requests]
@@ -256,7 +300,9 @@ class HFPolicy(Policy):
             n = min(n, self.max_batch, len(rows) - i)
             if n < 1:
                 raise RuntimeError(f"kv_capacity {self.kv_capacity} leaves {room} tokens beside the "
-                                   f"{self.store.tokens} held: not enough for one {max_step_tokens}-token step")
+                                   f"{self.store.tokens} held (the trees of every problem in flight): not "
+                                   f"enough for one {max_step_tokens}-token step; raise the capacity, or "
+                                   f"lower max_step_tokens or the problems in flight")
             yield rows[i:i + n]
             i += n
 
