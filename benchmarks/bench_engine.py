@@ -98,6 +98,12 @@ def bench_plain(policy, question: str, width: int, step_tokens: int) -> list[tup
 
 def bench_search(policy, prm, task, problems, cfg: SearchConfig, concurrency: int = 1) -> dict:
     """Search every problem, `concurrency` in flight at once (their steps share decode batches)."""
+    embedder = None
+    if cfg.strategy == "ets":  # one embedder for the whole run, loaded before the clock starts
+        from ets.cluster import make_embedder
+
+        embedder = make_embedder(cfg.strategy_config().embedder)
+        embedder.embed(["warm up"])
     before = policy.stats()
     t0 = time.perf_counter()
     results, correct, gen = [], 0, 0
@@ -108,7 +114,7 @@ def bench_search(policy, prm, task, problems, cfg: SearchConfig, concurrency: in
 
         async def one(p):
             async with sem:
-                return await search(task.prompt(p), policy, prm, cfg)
+                return await search(task.prompt(p), policy, prm, cfg, embedder=embedder)
 
         return await asyncio.gather(*(one(p) for p in problems))
 

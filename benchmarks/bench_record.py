@@ -157,7 +157,7 @@ class Bench:
         self.task, self.problems = load_dataset(args.dataset, args.problems, args.offset)
         self.rc = RunConfig(dataset=args.dataset, policy=args.policy_spec, prm=args.prm,
                             embedder=args.embedder, concurrency=args.concurrency, runs_dir=args.runs_dir)
-        sampling = SamplingConfig(max_step_tokens=args.max_step_tokens)
+        sampling = SamplingConfig(max_step_tokens=args.max_step_tokens, step_delimiter=args.step_delimiter)
         self.combos = []  # (label, strategy, width, cfg, run)
         for spec in method_specs:
             label, strategy, params = parse_method(spec)
@@ -478,7 +478,7 @@ def write_report(out: Path, rows: list[dict], meta: dict, extra_md: str = "") ->
           f" (policy {meta['policy']}, PRM {meta['prm']}, embedder {meta['embedder']})",
           f"- data: {meta['dataset']} problems {', '.join(meta['problem_ids'])} "
           f"(n={meta['n_problems']} of {meta['n_requested']} requested); seed {meta['seed']}; max_tokens {meta['max_tokens']}, "
-          f"max_step_tokens {meta['max_step_tokens']}; kv_capacity {meta.get('kv_capacity')}; "
+          f"max_step_tokens {meta['max_step_tokens']}; step delimiter {meta.get('step_delimiter', chr(10) * 2)!r}; kv_capacity {meta.get('kv_capacity')}; "
           f"{meta['concurrency']} problem(s) in flight; interleaved {meta['interleave']}",
           "", table(rows), "", "## ETS / REBASE", ""] + (ratio_lines(rats) or ["(no ETS + REBASE pair)"])
     if meta.get("not_run"):
@@ -559,6 +559,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory")
     ap.add_argument("--max-step-tokens", type=int, default=256)
     ap.add_argument("--max-depth", type=int, default=25)
+    ap.add_argument("--step-delimiter", type=lambda t: t.replace("\\n", "\n").replace("\\t", "\t"),
+                    default="\n\n", help="step delimiter (default the spec's blank line; \\n: one line per "
+                                          "step, which SmolLM2-135M needs for a tree to form)")
     ap.add_argument("--kv-block-size", type=int, default=16, help="block size of the tree's block count")
     ap.add_argument("--out", required=True, help="output folder (results.md, results.json, PNGs)")
     ap.add_argument("--note", default="", help="a paragraph added to the markdown report")
@@ -637,6 +640,7 @@ async def run_all(args, method_specs: list[str], log=print) -> tuple[list[dict],
             "embedder": args.embedder, "dataset": args.dataset, "offset": args.offset,
             "n_problems": len(ids), "n_requested": len(bench.problems), "problem_ids": ids, "seed": args.seed,
             "max_tokens": args.max_tokens, "max_step_tokens": args.max_step_tokens,
+            "step_delimiter": args.step_delimiter,
             "kv_capacity": args.kv_capacity, "concurrency": args.concurrency,
             "vllm": {"url": url, "kv_cache_gb": args.kv_cache_gb, "blocks": args.vllm_blocks,
                      "block_size": args.vllm_block_size} if args.engine == "vllm" else None,
