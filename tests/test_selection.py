@@ -151,3 +151,58 @@ def test_objective_counts_each_cluster_once():
     p = build_problem([nodes[1], nodes[2]], [1, 1], 1.0, 1.0, [0, 0])
     both = p.objective(np.array([True, True]))
     assert both == pytest.approx(1.0 - 3 / 3 + 1.0)
+
+
+# --- the coverage DP (selection/coverage.py) against brute force and HiGHS -------------------
+
+def _coverage_problem(seed, n):
+    rng = random.Random(1000 + seed)
+    cands = random_frontier(rng, n, rng.randint(1, 5), branching=rng.choice([2, 3, 4]))
+    scores = [rng.random() ** rng.choice([1, 4]) for _ in cands]
+    alloc = rebase_allocate(scores, rng.choice([4, 8, 16, 64]), rng.choice([0.2, 1.0]), cap=False)
+    labels = [rng.randint(0, rng.choice([1, 3, max(1, len(cands) // 2)])) for _ in cands]
+    lam_c = rng.choice([0.3, 1.0, 3.0, 10.0])
+    lam_s = rng.choice([0.2, 1.5, 5.0])
+    return build_problem(cands, alloc, lam_c, lam_s, labels, node_cost=rng.choice(["nodes", "tokens"]))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_coverage_dp_matches_brute_force_and_highs(seed):
+    problem = _coverage_problem(seed, n=11)
+    opt = brute_force(problem)
+    sol = solve(problem)
+    assert sol.solver == ("cover" if problem.cluster is not None else "dp")
+    assert problem.violations(sol.keep) == []
+    assert sol.objective == pytest.approx(opt, abs=1e-9)
+    assert solve_milp(problem).objective == pytest.approx(opt, abs=1e-9)
+
+
+def test_coverage_dp_covers_the_empty_fixing():
+    # nothing pays for its own path (F empty): the DP must still keep at least one candidate
+    seen = 0
+    for seed in range(200):
+        problem = _coverage_problem(seed, n=9)
+        if fix_variables(problem)[0].any():
+            continue
+        seen += 1
+        sol = solve(problem)
+        assert problem.violations(sol.keep) == []
+        assert sol.objective == pytest.approx(brute_force(problem), abs=1e-9)
+    assert seen >= 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_coverage_dp_matches_highs_on_larger_trees(seed):
+    problem = _coverage_problem(seed, n=60)
+    sol = solve(problem)
+    assert problem.violations(sol.keep) == []
+    assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
+
+
+def test_coverage_dp_falls_back_to_highs_when_tables_grow(monkeypatch):
+    import ets.selection.coverage as coverage
+    monkeypatch.setattr(coverage, "MAX_STATES", 1)
+    problem = _coverage_problem(3, n=40)
+    sol = solve(problem)
+    assert sol.solver == "milp"
+    assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
+from ets.selection.coverage import solve_open
 from ets.selection.program import InfeasibleSelection, SelectionProblem
 from ets.selection.tree_dp import TreeDP
 
@@ -39,9 +40,15 @@ def solve(p: SelectionProblem, method: str = "auto", node_limit: int = 12) -> So
         value, keep = TreeDP(p.parent, p.depth, p.n_cand).solve(p.outcome.astype(float), p.cost)
         return Solution(keep, value, "dp")
     if method == "auto" and p.kv_budget is None:
+        if np.all(p.cost <= 0):
+            # the lambda_c == 0 guard: every term grows with x, so keeping everything is optimal
+            keep = np.ones(p.n_cand, bool)
+            return Solution(keep, p.objective(keep), "all")
         f_in, f_out = fix_variables(p)
-        sol = branch_and_bound(p, f_in, f_out, node_limit)
-        return sol if sol is not None else solve_milp(p, f_in, f_out)
+        keep = solve_open(p, f_in, f_out, candidate_paths(p))
+        if keep is not None:
+            return Solution(keep, p.objective(keep), "cover", int(f_in.sum() + f_out.sum()))
+        return solve_milp(p, f_in, f_out)
     return solve_milp(p)
 
 
