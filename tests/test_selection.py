@@ -201,7 +201,7 @@ def test_coverage_dp_matches_highs_on_larger_trees(seed):
 
 def test_coverage_dp_falls_back_to_highs_when_tables_grow(monkeypatch):
     import ets.selection.coverage as coverage
-    monkeypatch.setattr(coverage, "MAX_STATES", 1)
+    monkeypatch.setattr(coverage, "MAX_PAIRS", 1)
     problem = _coverage_problem(3, n=40)
     sol = solve(problem)
     assert sol.solver == "milp"

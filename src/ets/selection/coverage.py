@@ -12,13 +12,15 @@ Within a subtree the DP keeps, per node v, a table G_v: mask -> best value, wher
 exact set of open clusters covered by the kept candidates below v and value is their outcome
 minus the cost of every kept node below v, v included. A node's table is the (OR, +)
 product of its children's tables, each child optional (mask 0, value 0). Only Pareto states are
-kept: (m, v) is dropped when some (m', v') has m' a superset of m and v' >= v, since every
-completion of the first is matched by the same completion of the second. A component's optimum
+kept: (m, v) is dropped when some (m', v') has v' >= v + g * |m - m'| (m' a superset of m and
+v' >= v is the plain case), since any completion of the first is matched by the same completion
+of the second: the clusters m covers beyond m' are worth at most g each. A component's optimum
 is max over its masks of value + g * |mask|.
 
-Exact as long as every node cost is >= 0 (checked by the caller). The table size is 2^(open
-clusters in the subtree) at worst; past `max_states` the DP gives up (returns None) and the
-caller falls back to HiGHS, so correctness never depends on the tables staying small.
+Exact as long as every node cost is >= 0 (checked by the caller). A table holds up to 2^(open
+clusters in the subtree) states; once a product would take more than MAX_PAIRS state pairs the
+DP gives up (returns None) and the caller falls back to HiGHS, so correctness never depends on
+the tables staying small.
 """
 
 from __future__ import annotations
@@ -27,27 +29,47 @@ import numpy as np
 
 from ets.selection.program import SelectionProblem
 
-MAX_STATES = 512
+# Past these the DP gives up to HiGHS: state pairs in one table product, states kept in one table.
+MAX_PAIRS = 2048
+MAX_STATES = 64
 
 
 class TooManyStates(Exception):
     pass
 
 
-def _pareto(table: dict[int, float]) -> dict[int, float]:
-    """Drop states dominated by a superset mask with at least the same value."""
-    if len(table) <= 1:
-        return table
-    order = sorted(table.items(), key=lambda mv: (-mv[1], -bin(mv[0]).count("1")))
+def _pareto(table: dict[int, float], g: float, nonempty: int) -> dict[int, float]:
+    """Drop dominated states: (m, v) goes when a kept (k, w) has w >= v + g * |m - k| and m
+    holds no required bit (`nonempty`) that k lacks."""
     kept: list[tuple[int, float]] = []
-    for m, v in order:
-        if not any(km & m == m for km, _ in kept):
+    for m, v in sorted(table.items(), key=lambda mv: -mv[1]):
+        for k, w in kept:
+            extra = m & ~k
+            if not extra & nonempty and w - v >= g * extra.bit_count():
+                break
+        else:
             kept.append((m, v))
+            if len(kept) > MAX_STATES:
+                raise TooManyStates
     return dict(kept)
 
 
-def _product(a: dict[int, float], b: dict[int, float], max_states: int):
-    """(OR, +) product of two tables, with a back pointer per resulting mask."""
+# back pointers of a product a x b that need no table: every state came from one of a's states
+# and b's mask-0 state (SHIFT), or from a's mask-0 state and one of b's (LIFT)
+SHIFT, LIFT = 0, 1
+
+
+def _product(a: dict[int, float], b: dict[int, float], g: float, nonempty: int, max_pairs: int):
+    """(OR, +) product of two tables, and back pointers: per resulting mask the pair of masks
+    it came from (a dict, or SHIFT / LIFT)."""
+    if len(b) == 1 and 0 in b:
+        vb = b[0]
+        return {m: v + vb for m, v in a.items()}, SHIFT
+    if len(a) == 1 and 0 in a:
+        va = a[0]
+        return {m: va + v for m, v in b.items()}, LIFT
+    if len(a) * len(b) > max_pairs:
+        raise TooManyStates
     out: dict[int, float] = {}
     back: dict[int, tuple[int, int]] = {}
     for ma, va in a.items():
@@ -55,18 +77,16 @@ def _product(a: dict[int, float], b: dict[int, float], max_states: int):
             m, v = ma | mb, va + vb
             if v > out.get(m, -np.inf):
                 out[m], back[m] = v, (ma, mb)
-    if len(out) > max_states:
-        raise TooManyStates
-    return _pareto(out), back
+    return _pareto(out, g, nonempty), back
 
 
 def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: np.ndarray,
-               max_states: int | None = None) -> np.ndarray | None:
+               max_pairs: int | None = None) -> np.ndarray | None:
     """[N] bool optimal selection given the fixing (f_in kept, f_out dropped), or None when a
-    table outgrows max_states (default MAX_STATES). Needs p.cost >= 0 and the coverage term on."""
-    max_states = MAX_STATES if max_states is None else max_states
-    n = p.n_cand
-    cl, g = p.cluster, p.bonus
+    table product outgrows max_pairs (default MAX_PAIRS). Needs p.cost >= 0 and the coverage
+    term on."""
+    max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
+    n, cl, g = p.n_cand, p.cluster, p.bonus
     paid = np.zeros(len(p.parent), bool)
     paid[paths[f_in].ravel()] = True
     covered = np.zeros(int(cl.max()) + 1, bool)
@@ -76,119 +96,110 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     if not len(free):
         return keep
     open_k = np.unique(cl[free][~covered[cl[free]]])
-    bit = {int(k): 1 << b for b, k in enumerate(open_k)}
+    if len(open_k) >= 62:
+        return None  # masks would overflow the int64 labels below; HiGHS takes it
+    bit_of = np.zeros(len(covered), np.int64)
+    bit_of[open_k] = 1 << np.arange(len(open_k), dtype=np.int64)
     # F empty: the root is unpaid and some candidate must be kept; a pseudo-cluster bit that
     # every candidate sets (and the optimum must contain) enforces sum x >= 1
     nonempty = (1 << len(open_k)) if not f_in.any() else 0
 
-    # the unpaid forest: children of every unpaid node on a free candidate's path
+    # the unpaid forest: every unpaid node on a free candidate's path (free candidates included);
+    # a top is an unpaid node whose parent is paid (or the root itself)
     sub = paths[free]
-    unpaid = ~paid[sub]
+    nodes = np.unique(sub[~paid[sub]])
+    par = p.parent[nodes]
+    tops = nodes[(par < 0) | paid[np.maximum(par, 0)]].tolist()
+    top_set = set(tops)
+    nodes = nodes[np.argsort(-p.depth[nodes], kind="stable")]  # children before parents
     children: dict[int, list[int]] = {}
-    tops: list[int] = []
-    depth_of: dict[int, int] = {}
-    for r in range(len(free)):
-        row, up = sub[r], unpaid[r]
-        for d in range(len(row) - 1, -1, -1):
-            j = int(row[d])
-            if not up[d] or j in depth_of:
-                break  # the rest of the path is paid or already recorded
-            depth_of[j] = d
-            if d == 0 or not up[d - 1]:
-                tops.append(j)
-            else:
-                children.setdefault(int(row[d - 1]), []).append(j)
-
-    try:
-        return _solve_tables(p, free, keep, bit, nonempty, children, tops, depth_of, max_states)
-    except TooManyStates:
-        return None
-
-
-def _solve_tables(p, free, keep, bit, nonempty, children, tops, depth_of, max_states):
-    n, cl, g = p.n_cand, p.cluster, p.bonus
-    table: dict[int, dict[int, float]] = {}
+    for j, q in zip(nodes.tolist(), p.parent[nodes].tolist()):
+        if j not in top_set:
+            children.setdefault(q, []).append(j)
+    leaf_mask = (bit_of[cl[free]] | nonempty).tolist()
+    leaf_val = (p.outcome[free] - p.cost[free]).tolist()
+    cost = p.cost.tolist()
+    table: dict[int, dict[int, float]] = {j: {m: v} for j, m, v in zip(free.tolist(), leaf_mask, leaf_val)}
     backs: dict[int, list] = {}
     empty_wins: dict[int, bool] = {}
-    outcome, cost = p.outcome, p.cost
 
     def optional(j):
-        """G_j with the 'not kept' option at mask 0 (ties go to keeping)."""
+        """table[j] with the 'j not kept' option at mask 0 (ties go to keeping)."""
         t = table[j]
-        if t.get(0, -np.inf) >= 0.0:
-            empty_wins[j] = False
-            return t
-        empty_wins[j] = True
-        t = dict(t)
-        t[0] = 0.0
+        v0 = t.get(0)
+        empty_wins[j] = v0 is None or v0 < 0.0
+        if empty_wins[j]:
+            t = dict(t)
+            t[0] = 0.0
         return t
 
-    for j in sorted(depth_of, key=depth_of.get, reverse=True):  # children before parents
-        if j < n:
-            m = bit.get(int(cl[j]), 0) | nonempty
-            table[j] = {m: float(outcome[j] - cost[j])}
-            continue
-        acc, chain = {0: 0.0}, []
-        for c in children[j]:
-            acc, back = _product(acc, optional(c), max_states)
+    def combine(kids):
+        """Product of the optional tables of `kids`, and the back pointers to undo it."""
+        acc, chain = optional(kids[0]), [(kids[0], LIFT)]
+        for c in kids[1:]:
+            acc, back = _product(acc, optional(c), g, nonempty, max_pairs)
             chain.append((c, back))
-        table[j] = {m: v - float(cost[j]) for m, v in acc.items()}
-        backs[j] = chain
+        return acc, chain
 
-    def take(j, m):
-        """Keep the candidates below j that realise mask m of table[j]."""
-        if j < n:
-            keep[j] = True
-            return
-        for c, back in reversed(backs[j]):
-            m, mc = back[m]
-            if mc != 0 or not empty_wins[c]:
-                take(c, mc)
-
-    # components: tops linked by a shared open cluster (union-find over tops)
-    top_mask = {}
-    for t in tops:
-        mm = 0
-        for m in table[t]:
-            mm |= m
-        top_mask[t] = mm & ~nonempty
-    group = list(range(len(tops)))
-
-    def find(a):
-        while group[a] != a:
-            group[a] = group[group[a]]
-            a = group[a]
-        return a
-
-    owner: dict[int, int] = {}
-    for a, t in enumerate(tops):
-        mm = top_mask[t]
-        while mm:
-            low = mm & -mm
-            mm ^= low
-            if low in owner:
-                group[find(a)] = find(owner[low])
+    def take(chain, m):
+        """Keep the candidates that realise mask m of a combined table."""
+        for c, back in reversed(chain):
+            if back is LIFT:
+                m, mc = 0, m
+            elif back is SHIFT:
+                mc = 0
             else:
-                owner[low] = a
-    comps: dict[int, list[int]] = {}
-    for a, t in enumerate(tops):
-        comps.setdefault(find(a), []).append(t)
+                m, mc = back[m]
+            if mc != 0 or not empty_wins[c]:
+                if c < n:
+                    keep[c] = True
+                else:
+                    take(backs[c], mc)
 
-    for members in comps.values():
-        acc, chain = {0: 0.0}, []
-        for t in members:
-            acc, back = _product(acc, optional(t), max_states)
-            chain.append((t, back))
-        best_m, best_v = None, -np.inf
-        for m, v in acc.items():
-            if nonempty and not m & nonempty:
+    try:
+        for j in nodes.tolist():
+            if j < n:
                 continue
-            score = v + g * bin(m & ~nonempty).count("1")
-            if score > best_v:
-                best_m, best_v = m, score
-        m = best_m
-        for t, back in reversed(chain):
-            m, mt = back[m]
-            if mt != 0 or not empty_wins[t]:
-                take(t, mt)
+            acc, backs[j] = combine(children[j])
+            cj = cost[j]
+            table[j] = {m: v - cj for m, v in acc.items()}
+
+        # components: tops linked by a shared open cluster (union-find over tops)
+        group = list(range(len(tops)))
+
+        def find(a):
+            while group[a] != a:
+                group[a] = group[group[a]]
+                a = group[a]
+            return a
+
+        owner: dict[int, int] = {}
+        for a, t in enumerate(tops):
+            mm = 0
+            for m in table[t]:
+                mm |= m
+            mm &= ~nonempty
+            while mm:
+                low = mm & -mm
+                mm ^= low
+                if low in owner:
+                    group[find(a)] = find(owner[low])
+                else:
+                    owner[low] = a
+        comps: dict[int, list[int]] = {}
+        for a, t in enumerate(tops):
+            comps.setdefault(find(a), []).append(t)
+
+        for members in comps.values():
+            acc, chain = combine(members)
+            best_m, best_v = None, -np.inf
+            for m, v in acc.items():
+                if nonempty and not m & nonempty:
+                    continue
+                score = v + g * (m & ~nonempty).bit_count()
+                if score > best_v:
+                    best_m, best_v = m, score
+            take(chain, best_m)
+    except TooManyStates:
+        return None
     return keep

@@ -46,11 +46,12 @@ class SelectionProblem:
     def kept_nodes(self, x: np.ndarray) -> np.ndarray:
         """[N+M] bool: the kept candidates and every ancestor of one."""
         kept = np.zeros(len(self.parent), bool)
-        for i in np.flatnonzero(x):
-            j = int(i)
-            while j >= 0 and not kept[j]:
-                kept[j] = True
-                j = int(self.parent[j])
+        cur = np.flatnonzero(x)
+        while len(cur):  # one tree level per step
+            kept[cur] = True
+            cur = np.unique(self.parent[cur])
+            cur = cur[cur >= 0]
+            cur = cur[~kept[cur]]
         return kept
 
     def objective(self, x: np.ndarray) -> float:
@@ -86,10 +87,11 @@ def build_problem(candidates: Sequence[Node], outcome_alloc: Sequence[int],
     index = {c.id: i for i, c in enumerate(candidates)}
     nodes = list(candidates)
     for c in candidates:
-        for a in c.ancestors():
-            if a.id not in index:
-                index[a.id] = len(nodes)
-                nodes.append(a)
+        a = c.parent
+        while a is not None and a.id not in index:  # a seen node's ancestors are all seen too
+            index[a.id] = len(nodes)
+            nodes.append(a)
+            a = a.parent
     parent = np.array([-1 if v.parent is None else index[v.parent.id] for v in nodes], dtype=np.int64)
     depth = np.array([v.depth for v in nodes], dtype=np.int64)
     tokens = np.array([len(v.token_ids) for v in nodes], dtype=np.float64)
