@@ -199,6 +199,15 @@ def test_coverage_dp_matches_highs_on_larger_trees(seed):
     assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_cluster_fixing_never_changes_the_optimum(seed):
+    problem = _coverage_problem(seed, n=30)
+    f_in, f_out = fix_variables(problem)
+    assert not (f_in & f_out).any()
+    assert solve_milp(problem, f_in, f_out).objective == pytest.approx(
+        solve_milp(problem).objective, abs=1e-9)
+
+
 def test_coverage_dp_falls_back_to_highs_when_tables_grow(monkeypatch):
     import ets.selection.coverage as coverage
     monkeypatch.setattr(coverage, "MAX_PAIRS", 1)

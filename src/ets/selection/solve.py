@@ -70,10 +70,20 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
     in, P(F) = their path nodes; until nothing changes:
     - in:  O_i >= cost of i's path outside P(F): adding i to any optimum containing F loses
            nothing, so some optimum contains i (ties go to keeping, as in the DP);
-    - out: i's cluster is covered by F (or there is no coverage term) and O_i <= cost_i (its own
-           leaf, never shared): adding i never helps;
-    - out: zero weight and a same-parent, same-cluster twin: the two are interchangeable, and
-           keeping both never helps, so only the first stays free."""
+    - out: F is not empty, i's cluster is covered by F (or there is no coverage term) and
+           O_i <= cost_i (its own leaf, never shared): adding i never helps;
+    - out: zero weight and a same-parent, same-cluster twin with a leaf as cheap: swapping to
+           the cheaper twin, or dropping the dearer one, never hurts, so only the cheapest
+           (first on ties) of each such group stays free;
+    and per cluster k not covered by F, with net_i = O_i - (cost of i's path outside P(F)),
+    leaf_i = O_i - cost_i and t the free member of k with the largest net:
+    - out: a free j != t with leaf_j <= 0 and leaf_j <= net_t: in an optimum holding j, either
+           t is there too (drop j: loses O_j, saves cost_j, keeps k covered) or swap j for t
+           (gains >= net_t - leaf_j >= 0, k stays covered);
+    - in:  t, when net_t + g >= 0 and leaf_j <= net_t for every other free j in k: an optimum
+           without t either misses k (add t: gains >= net_t + g) or holds some j of k (swap).
+    Each rule only needs F to be inside the optimum it rewrites, so applying them one after
+    another, each to the problem the earlier ones left, keeps an optimum."""
     n = p.n_cand
     f_in, f_out = np.zeros(n, bool), np.zeros(n, bool)
     if np.any(p.cost < 0):
@@ -82,9 +92,11 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
     k_num = int(cl.max()) + 1
     zero = np.flatnonzero(p.outcome == 0)
     if len(zero):
-        _, first = np.unique(p.parent[zero] * k_num + cl[zero], return_index=True)
-        f_out[zero] = True
-        f_out[zero[first]] = False
+        group = p.parent[zero] * k_num + cl[zero]
+        zero = zero[np.lexsort((p.cost[zero], group))]  # per twin group, cheapest leaf first
+        group = p.parent[zero] * k_num + cl[zero]
+        first = np.r_[True, group[1:] != group[:-1]]
+        f_out[zero[~first]] = True
     paths = candidate_paths(p)
     kept = np.zeros(len(p.parent), bool)
     covered = np.zeros(k_num, bool) if p.cluster is not None else np.ones(k_num, bool)
@@ -97,10 +109,43 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
             f_in[new_in] = True
             kept[paths[new_in].ravel()] = True
             covered[cl[new_in]] = True
-        new_out = ~f_in & ~f_out & covered[cl] & (p.outcome <= p.cost[:n])
+        # (F non-empty: dropping i must leave some candidate kept)
+        new_out = ~f_in & ~f_out & covered[cl] & (p.outcome <= p.cost[:n]) & f_in.any()
         f_out |= new_out
-        if not len(new_in) and not new_out.any():
+        changed = len(new_in) or new_out.any()
+        if p.cluster is not None and p.bonus > 0:
+            changed |= _fix_by_cluster(p, paths, f_in, f_out, kept, covered)
+        if not changed:
             return f_in, f_out
+
+
+def _fix_by_cluster(p: SelectionProblem, paths: np.ndarray, f_in: np.ndarray, f_out: np.ndarray,
+                    kept: np.ndarray, covered: np.ndarray) -> bool:
+    """The per-cluster rules of fix_variables, once; updates the arrays in place, True if any
+    candidate was fixed."""
+    cl = p.cluster
+    idx = np.flatnonzero(~f_in & ~f_out & ~covered[cl])
+    if not len(idx):
+        return False
+    rows = paths[idx]
+    net = p.outcome[idx] - (p.cost[rows] * ~kept[rows]).sum(axis=1)
+    order = np.lexsort((-net, cl[idx]))  # by cluster, largest net first
+    idx, net = idx[order], net[order]
+    leaf = p.outcome[idx] - p.cost[idx]
+    k = cl[idx]
+    champ = np.r_[True, k[1:] != k[:-1]]
+    champ_net = net[champ][np.cumsum(champ) - 1]  # per member: its cluster's champion's net
+    out = ~champ & (leaf <= 0) & (leaf <= champ_net)
+    rest = ~champ & ~out
+    rival = np.full(len(covered), -np.inf)  # per cluster: best leaf_j among the other free members
+    np.maximum.at(rival, k[rest], leaf[rest])
+    win = champ & (net + p.bonus >= 0) & (rival[k] <= net)
+    f_out[idx[out]] = True
+    new_in = idx[win]
+    f_in[new_in] = True
+    kept[paths[new_in].ravel()] = True
+    covered[k[win]] = True
+    return bool(out.any() or win.any())
 
 
 def branch_and_bound(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray,
