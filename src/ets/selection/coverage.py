@@ -103,25 +103,49 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     # F empty: the root is unpaid and some candidate must be kept; a pseudo-cluster bit that
     # every candidate sets (and the optimum must contain) enforces sum x >= 1
     nonempty = (1 << len(open_k)) if not f_in.any() else 0
+    mask = np.zeros(n, np.int64)
+    mask[free] = bit_of[cl[free]] | nonempty
 
-    # the unpaid forest: every unpaid node on a free candidate's path (free candidates included);
-    # a top is an unpaid node whose parent is paid (or the root itself)
+    # The unpaid forest: every unpaid node on a free candidate's path (free candidates included).
+    # A top is an unpaid node whose parent is paid (or the root itself). A node is open when
+    # some candidate below it has a non-zero mask; closed subtrees need no table.
     sub = paths[free]
     nodes = np.unique(sub[~paid[sub]])
+    is_open = np.zeros(len(p.parent), bool)
+    sub_open = sub[mask[free] != 0]
+    is_open[sub_open[~paid[sub_open]]] = True
     par = p.parent[nodes]
-    tops = nodes[(par < 0) | paid[np.maximum(par, 0)]].tolist()
-    top_set = set(tops)
-    nodes = nodes[np.argsort(-p.depth[nodes], kind="stable")]  # children before parents
+    top = (par < 0) | paid[np.maximum(par, 0)]
+
+    # Closed nodes, bottom up: v = outcome - cost (candidate) or -cost + sum of the children's
+    # max(0, v); a closed child is kept iff v >= 0 (ties go to keeping). `gain` collects, per
+    # parent, the children's max(0, v): an open parent adds it to every state of its table.
+    v = np.zeros(len(p.parent))
+    gain = np.zeros(len(p.parent))
+    closed = nodes[~is_open[nodes]]
+    depth = p.depth[closed]
+    for d in range(int(depth.max()) if len(closed) else -1, -1, -1):
+        level = closed[depth == d]
+        lv = np.where(level < n, p.outcome[np.minimum(level, n - 1)], gain[level]) - p.cost[level]
+        v[level] = lv
+        q = p.parent[level]
+        np.add.at(gain, q[q >= 0], np.maximum(lv[q >= 0], 0.0))
+
+    opened = nodes[is_open[nodes]]
+    opened = opened[np.argsort(-p.depth[opened], kind="stable")]  # children before parents
+    open_tops = set(nodes[top & is_open[nodes]].tolist())
     children: dict[int, list[int]] = {}
-    for j, q in zip(nodes.tolist(), p.parent[nodes].tolist()):
-        if j not in top_set:
+    for j, q in zip(opened.tolist(), p.parent[opened].tolist()):
+        if j not in open_tops:
             children.setdefault(q, []).append(j)
-    leaf_mask = (bit_of[cl[free]] | nonempty).tolist()
-    leaf_val = (p.outcome[free] - p.cost[free]).tolist()
-    cost = p.cost.tolist()
-    table: dict[int, dict[int, float]] = {j: {m: v} for j, m, v in zip(free.tolist(), leaf_mask, leaf_val)}
+    base = (gain - p.cost).tolist()  # per open inner node: its closed children, minus its cost
+    table: dict[int, dict[int, float]] = {}
+    for j, m, val in zip(free.tolist(), mask[free].tolist(), (p.outcome[free] - p.cost[free]).tolist()):
+        if m:
+            table[j] = {m: val}
     backs: dict[int, list] = {}
     empty_wins: dict[int, bool] = {}
+    closed_kept: list[int] = [int(j) for j in nodes[top & ~is_open[nodes]] if v[j] >= 0.0]
 
     def optional(j):
         """table[j] with the 'j not kept' option at mask 0 (ties go to keeping)."""
@@ -154,17 +178,19 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
                 if c < n:
                     keep[c] = True
                 else:
+                    closed_kept.append(c)  # its closed children are kept by the pass below
                     take(backs[c], mc)
 
     try:
-        for j in nodes.tolist():
+        for j in opened.tolist():
             if j < n:
                 continue
             acc, backs[j] = combine(children[j])
-            cj = cost[j]
-            table[j] = {m: v - cj for m, v in acc.items()}
+            bj = base[j]
+            table[j] = {m: val + bj for m, val in acc.items()}
 
-        # components: tops linked by a shared open cluster (union-find over tops)
+        # components: open tops linked by a shared open cluster (union-find over tops)
+        tops = list(open_tops)
         group = list(range(len(tops)))
 
         def find(a):
@@ -193,13 +219,22 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
         for members in comps.values():
             acc, chain = combine(members)
             best_m, best_v = None, -np.inf
-            for m, v in acc.items():
+            for m, val in acc.items():
                 if nonempty and not m & nonempty:
                     continue
-                score = v + g * (m & ~nonempty).bit_count()
+                score = val + g * (m & ~nonempty).bit_count()
                 if score > best_v:
                     best_m, best_v = m, score
             take(chain, best_m)
     except TooManyStates:
         return None
+
+    # closed subtrees, top down: below a kept node, a closed child is kept iff its v >= 0
+    alive = np.zeros(len(p.parent), bool)
+    alive[closed_kept] = True
+    for d in range(int(depth.min()) if len(closed) else 1, int(depth.max()) + 1 if len(closed) else 0):
+        level = closed[depth == d]
+        q = p.parent[level]
+        alive[level] |= (q >= 0) & alive[np.maximum(q, 0)] & (v[level] >= 0.0) & ~top[np.searchsorted(nodes, level)]
+    keep[closed[(closed < n) & alive[closed]]] = True
     return keep

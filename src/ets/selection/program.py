@@ -47,11 +47,9 @@ class SelectionProblem:
         """[N+M] bool: the kept candidates and every ancestor of one."""
         kept = np.zeros(len(self.parent), bool)
         cur = np.flatnonzero(x)
-        while len(cur):  # one tree level per step
+        for _ in range(int(self.depth[0]) + 1):  # all candidates share one depth: one level a step
             kept[cur] = True
-            cur = np.unique(self.parent[cur])
-            cur = cur[cur >= 0]
-            cur = cur[~kept[cur]]
+            cur = self.parent[cur]
         return kept
 
     def objective(self, x: np.ndarray) -> float:

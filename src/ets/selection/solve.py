@@ -98,13 +98,14 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
         first = np.r_[True, group[1:] != group[:-1]]
         f_out[zero[~first]] = True
     paths = candidate_paths(p)
+    path_cost = p.cost[paths]
     kept = np.zeros(len(p.parent), bool)
     covered = np.zeros(k_num, bool) if p.cluster is not None else np.ones(k_num, bool)
+    by_cluster = p.cluster is not None and p.bonus > 0
     while True:
         free = np.flatnonzero(~f_in & ~f_out)
-        rows = paths[free]
-        marginal = (p.cost[rows] * ~kept[rows]).sum(axis=1)
-        new_in = free[p.outcome[free] >= marginal]
+        net = p.outcome[free] - (path_cost[free] * ~kept[paths[free]]).sum(axis=1)
+        new_in = free[net >= 0]
         if len(new_in):
             f_in[new_in] = True
             kept[paths[new_in].ravel()] = True
@@ -113,22 +114,22 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
         new_out = ~f_in & ~f_out & covered[cl] & (p.outcome <= p.cost[:n]) & f_in.any()
         f_out |= new_out
         changed = len(new_in) or new_out.any()
-        if p.cluster is not None and p.bonus > 0:
-            changed |= _fix_by_cluster(p, paths, f_in, f_out, kept, covered)
+        if by_cluster:
+            # net from before this step's fixing in: never above the current one, so still sound
+            changed |= _fix_by_cluster(p, free, net, paths, f_in, f_out, kept, covered)
         if not changed:
             return f_in, f_out
 
 
-def _fix_by_cluster(p: SelectionProblem, paths: np.ndarray, f_in: np.ndarray, f_out: np.ndarray,
-                    kept: np.ndarray, covered: np.ndarray) -> bool:
-    """The per-cluster rules of fix_variables, once; updates the arrays in place, True if any
-    candidate was fixed."""
+def _fix_by_cluster(p: SelectionProblem, free: np.ndarray, net: np.ndarray, paths: np.ndarray,
+                    f_in: np.ndarray, f_out: np.ndarray, kept: np.ndarray, covered: np.ndarray) -> bool:
+    """The per-cluster rules of fix_variables, once, given a lower bound `net` on net_i for the
+    candidates `free`; updates the arrays in place, True if any candidate was fixed."""
     cl = p.cluster
-    idx = np.flatnonzero(~f_in & ~f_out & ~covered[cl])
+    sel = ~f_in[free] & ~f_out[free] & ~covered[cl[free]]
+    idx, net = free[sel], net[sel]
     if not len(idx):
         return False
-    rows = paths[idx]
-    net = p.outcome[idx] - (p.cost[rows] * ~kept[rows]).sum(axis=1)
     order = np.lexsort((-net, cl[idx]))  # by cluster, largest net first
     idx, net = idx[order], net[order]
     leaf = p.outcome[idx] - p.cost[idx]
