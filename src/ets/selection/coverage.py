@@ -120,16 +120,22 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     # Closed nodes, bottom up: v = outcome - cost (candidate) or -cost + sum of the children's
     # max(0, v); a closed child is kept iff v >= 0 (ties go to keeping). `gain` collects, per
     # parent, the children's max(0, v): an open parent adds it to every state of its table.
-    v = np.zeros(len(p.parent))
-    gain = np.zeros(len(p.parent))
+    # Closed nodes exist only when F is not empty (else every candidate has the nonempty bit),
+    # so the root is paid and every closed node has a parent.
+    size = len(p.parent)
+    v = np.zeros(size)
+    gain = np.zeros(size)
     closed = nodes[~is_open[nodes]]
-    depth = p.depth[closed]
-    for d in range(int(depth.max()) if len(closed) else -1, -1, -1):
-        level = closed[depth == d]
-        lv = np.where(level < n, p.outcome[np.minimum(level, n - 1)], gain[level]) - p.cost[level]
+    closed = closed[np.argsort(-p.depth[closed], kind="stable")]
+    cut = np.flatnonzero(np.diff(p.depth[closed])) + 1
+    levels = np.split(closed, cut) if len(closed) else []  # deepest level first
+    own = np.zeros(size)
+    own[:n] = p.outcome
+    own -= p.cost
+    for level in levels:
+        lv = own[level] + gain[level]
         v[level] = lv
-        q = p.parent[level]
-        np.add.at(gain, q[q >= 0], np.maximum(lv[q >= 0], 0.0))
+        gain += np.bincount(p.parent[level], weights=np.maximum(lv, 0.0), minlength=size)
 
     opened = nodes[is_open[nodes]]
     opened = opened[np.argsort(-p.depth[opened], kind="stable")]  # children before parents
@@ -145,7 +151,7 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
             table[j] = {m: val}
     backs: dict[int, list] = {}
     empty_wins: dict[int, bool] = {}
-    closed_kept: list[int] = [int(j) for j in nodes[top & ~is_open[nodes]] if v[j] >= 0.0]
+    kept_open: list[int] = []
 
     def optional(j):
         """table[j] with the 'j not kept' option at mask 0 (ties go to keeping)."""
@@ -178,7 +184,7 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
                 if c < n:
                     keep[c] = True
                 else:
-                    closed_kept.append(c)  # its closed children are kept by the pass below
+                    kept_open.append(c)  # its closed children are kept by the pass below
                     take(backs[c], mc)
 
     try:
@@ -229,12 +235,11 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     except TooManyStates:
         return None
 
-    # closed subtrees, top down: below a kept node, a closed child is kept iff its v >= 0
-    alive = np.zeros(len(p.parent), bool)
-    alive[closed_kept] = True
-    for d in range(int(depth.min()) if len(closed) else 1, int(depth.max()) + 1 if len(closed) else 0):
-        level = closed[depth == d]
-        q = p.parent[level]
-        alive[level] |= (q >= 0) & alive[np.maximum(q, 0)] & (v[level] >= 0.0) & ~top[np.searchsorted(nodes, level)]
+    # closed subtrees, top down: a closed node is kept iff its parent is (paid, or an open node
+    # the DP kept, or a kept closed node) and its v >= 0
+    alive = paid.copy()
+    alive[kept_open] = True
+    for level in reversed(levels):
+        alive[level] = alive[p.parent[level]] & (v[level] >= 0.0)
     keep[closed[(closed < n) & alive[closed]]] = True
     return keep
