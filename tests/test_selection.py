@@ -215,3 +215,28 @@ def test_coverage_dp_falls_back_to_highs_when_tables_grow(monkeypatch):
     sol = solve(problem)
     assert sol.solver == "milp"
     assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
+
+
+def _mock_frontier_problem(width, seed):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from frontiers import grow_frontier
+    from ets.strategies.ets import ETSConfig
+
+    frontier, labels = grow_frontier(width, 6, seed)
+    cands = frontier.candidates
+    config = ETSConfig.for_width(width)
+    alloc = rebase_allocate([c.score for c in cands], frontier.remaining, config.softmax_temperature, cap=False)
+    return build_problem(cands, alloc, config.lambda_c, config.lambda_s, labels)
+
+
+@pytest.mark.parametrize("width,seed", [(64, s) for s in range(12)] + [(256, s) for s in (0, 3, 6)])
+def test_solver_matches_highs_on_mock_frontiers(width, seed):
+    # clusters span the whole tree here (group-Steiner-like); (256, 6) needs the HiGHS fallback
+    problem = _mock_frontier_problem(width, seed)
+    sol = solve(problem)
+    assert problem.violations(sol.keep) == []
+    assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
+    if width == 64:
+        assert sol.solver == "cover"
