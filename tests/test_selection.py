@@ -240,3 +240,14 @@ def test_solver_matches_highs_on_mock_frontiers(width, seed):
     assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
     if width == 64:
         assert sol.solver == "cover"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_guard_with_coverage_keeps_everything(seed):
+    # lambda_c == 0: every node earns the guard's 1e-4 * c, so keeping every candidate is optimal
+    problem = _random_problem(seed, n=10, lambda_c=0.0, lambda_s=1.5)
+    if problem.cluster is None:
+        return
+    sol = solve(problem)
+    assert sol.solver == "all" and sol.keep.all()
+    assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)

@@ -1,9 +1,10 @@
 """Solve the selection program exactly, in-process.
 
 - Coverage term off, no KV budget: the tree DP (selection/tree_dp.py), exact, O(nodes).
-- Coverage term on: exact variable fixing (`fix_variables`), then a small branch and bound over
-  the DP (`branch_and_bound`); past its node limit, HiGHS (scipy.optimize.milp, mip_rel_gap 0)
-  on the program with the fixed candidates' bounds pinned.
+- Coverage term on: exact variable fixing (`fix_variables`), then the DP over sets of covered
+  clusters on what fixing left (selection/coverage.py, "cover"); when its tables outgrow their
+  caps, HiGHS (scipy.optimize.milp, mip_rel_gap 0) on the program with the fixed candidates'
+  bounds pinned. Under the lambda_c == 0 guard (every node cost < 0) keeping all is optimal.
 - KV budget: HiGHS.
 A KV budget makes the program a knapsack across the tree; an infeasible budget raises
 InfeasibleSelection naming the smallest budget that would do.
@@ -26,14 +27,14 @@ from ets.selection.tree_dp import TreeDP
 class Solution:
     keep: np.ndarray  # [N] bool
     objective: float
-    solver: str  # "dp" | "bnb" | "milp"
+    solver: str  # "dp" | "cover" | "all" | "milp"
     fixed: int = 0  # candidates decided by fix_variables before the search
-    nodes: int = 1  # branch-and-bound nodes visited
 
 
-def solve(p: SelectionProblem, method: str = "auto", node_limit: int = 12) -> Solution:
-    """method "auto" (DP where exact; else fixing, then branch and bound, then HiGHS past
-    `node_limit` nodes) or "milp" (HiGHS on the program as written, no fixing: the cross-check)."""
+def solve(p: SelectionProblem, method: str = "auto") -> Solution:
+    """method "auto" (tree DP without coverage; else fixing, then the coverage DP, then HiGHS if
+    the DP gives up) or "milp" (HiGHS on the program as written, no fixing: the cross-check).
+    Either way the objective is the exact optimum; `solver` names the path that found it."""
     if method not in ("auto", "milp"):
         raise ValueError(f"method must be 'auto' or 'milp', got {method!r}")
     if method == "auto" and p.kv_budget is None and (p.cluster is None or p.bonus == 0.0):
@@ -147,56 +148,6 @@ def _fix_by_cluster(p: SelectionProblem, free: np.ndarray, net: np.ndarray, path
     kept[paths[new_in].ravel()] = True
     covered[k[win]] = True
     return bool(out.any() or win.any())
-
-
-def branch_and_bound(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray,
-                     node_limit: int) -> Solution | None:
-    """Exact optimum by depth-first branch and bound over the tree DP, or None past node_limit.
-
-    Bound at a node (some candidates forced in, some out): the DP in which every candidate of a
-    cluster not yet covered by a forced-in one earns the whole bonus g. That over-counts only
-    clusters with two or more kept members, so it is an upper bound, attained when no such
-    cluster exists. Otherwise branch on one kept member of the most over-counted cluster:
-    forced in (its cluster becomes covered: bonus g once, as a constant) or out."""
-    g, cl = p.bonus, p.cluster
-    k_num = int(cl.max()) + 1
-    dp = TreeDP(p.parent, p.depth, p.n_cand)
-    base = p.outcome.astype(float)
-    big = 1.0 + float(np.abs(p.cost).sum()) + float(base.sum()) + g * k_num  # > any objective swing
-    best_val, best_keep, visited = -np.inf, None, 0
-    fixed = int(f_in.sum() + f_out.sum())
-    stack = [(f_in, f_out)]
-    while stack:
-        f_in, f_out = stack.pop()
-        visited += 1
-        if visited > node_limit:
-            return None
-        covered = np.zeros(k_num, bool)
-        covered[cl[f_in]] = True
-        leaf = base + np.where(covered[cl], 0.0, g)
-        leaf[f_in] += big
-        leaf[f_out] = -np.inf
-        value, keep = dp.solve(leaf, p.cost)
-        if not np.isfinite(value):
-            continue
-        bound = value - big * f_in.sum() + g * covered.sum()
-        if bound <= best_val + 1e-12:
-            continue
-        counts = np.bincount(cl[keep], minlength=k_num)
-        over = np.where(covered, 0, np.maximum(counts - 1, 0))
-        true_val = bound - g * over.sum()
-        if true_val > best_val + 1e-12:
-            best_val, best_keep = true_val, keep
-        if not over.any():
-            continue  # bound attained
-        k = int(np.argmax(over))
-        members = np.flatnonzero(keep & (cl == k))
-        j = int(members[np.argmax(base[members])])
-        f_in2, f_out2 = f_in.copy(), f_out.copy()
-        f_in2[j], f_out2[j] = True, True
-        stack.append((f_in, f_out2))
-        stack.append((f_in2, f_out))  # "keep it" first
-    return Solution(best_keep, p.objective(best_keep), "bnb", fixed, visited)
 
 
 def solve_milp(p: SelectionProblem, fixed_in: np.ndarray | None = None,
