@@ -211,10 +211,40 @@ def test_cluster_fixing_never_changes_the_optimum(seed):
 def test_coverage_dp_falls_back_to_highs_when_tables_grow(monkeypatch):
     import ets.selection.coverage as coverage
     monkeypatch.setattr(coverage, "MAX_PAIRS", 1)
+    monkeypatch.setattr(coverage, "MAX_CELLS", 0)
     problem = _coverage_problem(3, n=40)
     sol = solve(problem)
     assert sol.solver == "milp"
     assert sol.objective == pytest.approx(solve_milp(problem).objective, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_mask_merge_of_tops_matches_brute_force(seed):
+    from ets.selection.coverage import _merge_by_mask
+
+    rng = random.Random(seed)
+    bits = rng.randint(1, 6)
+    nonempty = (1 << bits) if rng.random() < 0.3 else 0
+    tabs = []
+    for _ in range(rng.randint(1, 4)):
+        tab = {0: 0.0} if rng.random() < 0.7 else {}
+        for _ in range(rng.randint(1, 4)):
+            tab[rng.randrange(1 << bits) | nonempty] = rng.uniform(-1, 1)
+        tabs.append(tab)
+    g = rng.choice([0.1, 0.5, 2.0])
+
+    def score(masks):
+        m = 0
+        for x in masks:
+            m |= x
+        if nonempty and not m & nonempty:
+            return -np.inf
+        return sum(t[x] for t, x in zip(tabs, masks)) + g * (m & ~nonempty).bit_count()
+
+    best = max(score(c) for c in itertools.product(*[list(t) for t in tabs]))
+    chosen = _merge_by_mask(tabs, g, nonempty)
+    assert all(m in t for t, m in zip(tabs, chosen))
+    assert score(chosen) == pytest.approx(best, abs=1e-12)
 
 
 def _mock_frontier_problem(width, seed):

@@ -32,6 +32,7 @@ from ets.selection.program import SelectionProblem
 # Past these the DP gives up to HiGHS: state pairs in one table product, states kept in one table.
 MAX_PAIRS = 2048
 MAX_STATES = 64
+MAX_CELLS = 1 << 20  # states * 2^clusters for the mask DP that merges a component's tops
 
 
 class TooManyStates(Exception):
@@ -78,6 +79,49 @@ def _product(a: dict[int, float], b: dict[int, float], g: float, nonempty: int, 
             if v > out.get(m, -np.inf):
                 out[m], back[m] = v, (ma, mb)
     return _pareto(out, g, nonempty), back
+
+
+def _merge_by_mask(tabs: list[dict[int, float]], g: float, nonempty: int) -> list[int]:
+    """One state per table maximising sum of values + g * |clusters covered| (the nonempty bit
+    required when set, never paid), by a DP over all masks of the clusters these tables use:
+    f[M] = best value of the tables so far with covered clusters a superset of M, so taking a
+    state (s, v) next gives f'[M] = max over states of f[M - s] + v. Work is (states) * 2^bits;
+    past MAX_CELLS it raises TooManyStates."""
+    bits = 0
+    for t in tabs:
+        for m in t:
+            bits |= m
+    pos = [b for b in range(bits.bit_length()) if bits >> b & 1]
+    u = len(pos)
+    if sum(len(t) for t in tabs) << u > MAX_CELLS:
+        raise TooManyStates
+
+    def compact(m):
+        return sum(1 << i for i, b in enumerate(pos) if m >> b & 1)
+
+    every = np.arange(1 << u)
+    f = np.full(1 << u, -np.inf)
+    f[0] = 0.0
+    steps = []
+    for t in tabs:
+        masks = list(t)
+        small = np.array([compact(m) for m in masks], np.int64)
+        cand = f[every[None, :] & ~small[:, None]] + np.array([t[m] for m in masks])[:, None]
+        arg = cand.argmax(axis=0)
+        f = cand[arg, every]
+        steps.append((masks, small, arg))
+    ne = compact(nonempty)
+    paid_bits = sum((every >> i) & 1 for i in range(u)) - ((every & ne) != 0)
+    score = f + g * paid_bits
+    if ne:
+        score[(every & ne) == 0] = -np.inf
+    m_small = int(np.argmax(score))
+    chosen = []
+    for masks, small, arg in reversed(steps):
+        k = int(arg[m_small])
+        chosen.append(masks[k])
+        m_small &= ~int(small[k])
+    return chosen[::-1]
 
 
 def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: np.ndarray,
@@ -180,12 +224,16 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
                 mc = 0
             else:
                 m, mc = back[m]
-            if mc != 0 or not empty_wins[c]:
-                if c < n:
-                    keep[c] = True
-                else:
-                    kept_open.append(c)  # its closed children are kept by the pass below
-                    take(backs[c], mc)
+            take_one(c, mc)
+
+    def take_one(c, mc):
+        """Keep c's state mc (nothing, if that is c's 'not kept' option)."""
+        if mc != 0 or not empty_wins[c]:
+            if c < n:
+                keep[c] = True
+            else:
+                kept_open.append(c)  # its closed children are kept by the pass below
+                take(backs[c], mc)
 
     try:
         for j in opened.tolist():
@@ -223,7 +271,13 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
             comps.setdefault(find(a), []).append(t)
 
         for members in comps.values():
-            acc, chain = combine(members)
+            try:
+                acc, chain = combine(members)
+            except TooManyStates:  # many tops sharing many clusters: one state per top instead
+                tabs = [optional(t) for t in members]
+                for t, m in zip(members, _merge_by_mask(tabs, g, nonempty)):
+                    take_one(t, m)
+                continue
             best_m, best_v = None, -np.inf
             for m, val in acc.items():
                 if nonempty and not m & nonempty:
