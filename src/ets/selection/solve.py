@@ -64,6 +64,13 @@ def candidate_paths(p: SelectionProblem) -> np.ndarray:
     return paths
 
 
+def _starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """bool per position: the first of its run of equal keys (np.r_ is slow for this)."""
+    out = np.ones(len(sorted_keys), bool)
+    out[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return out
+
+
 def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
     """Candidates in (out of) some optimal selection, decided before the solver runs.
 
@@ -96,7 +103,7 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
         group = p.parent[zero] * k_num + cl[zero]
         zero = zero[np.lexsort((p.cost[zero], group))]  # per twin group, cheapest leaf first
         group = p.parent[zero] * k_num + cl[zero]
-        first = np.r_[True, group[1:] != group[:-1]]
+        first = _starts(group)
         f_out[zero[~first]] = True
     paths = candidate_paths(p)
     path_cost = p.cost[paths]
@@ -135,7 +142,7 @@ def _fix_by_cluster(p: SelectionProblem, free: np.ndarray, net: np.ndarray, path
     idx, net = idx[order], net[order]
     leaf = p.outcome[idx] - p.cost[idx]
     k = cl[idx]
-    champ = np.r_[True, k[1:] != k[:-1]]
+    champ = _starts(k)
     champ_net = net[champ][np.cumsum(champ) - 1]  # per member: its cluster's champion's net
     out = ~champ & (leaf <= 0) & (leaf <= champ_net)
     rest = ~champ & ~out

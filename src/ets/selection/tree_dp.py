@@ -33,8 +33,8 @@ class TreeDP:
             ch = np.flatnonzero(depth == d)
             ch = ch[np.argsort(parent[ch], kind="stable")]
             par = parent[ch]
-            starts = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
-            self.levels.append((ch, starts, par[starts], np.diff(np.r_[starts, len(ch)])))
+            starts = np.flatnonzero(np.concatenate(([True], par[1:] != par[:-1])))
+            self.levels.append((ch, starts, par[starts], np.diff(np.append(starts, len(ch)))))
 
     def solve(self, leaf_value: np.ndarray, cost: np.ndarray) -> tuple[float, np.ndarray]:
         """(optimal value, [n_leaves] bool selection). leaf_value may hold -inf (forbidden)."""
