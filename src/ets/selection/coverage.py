@@ -25,6 +25,8 @@ the tables staying small.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 from ets.selection.program import SelectionProblem
@@ -43,7 +45,7 @@ def _pareto(table: dict[int, float], g: float, nonempty: int) -> dict[int, float
     """Drop dominated states: (m, v) goes when a kept (k, w) has w >= v + g * |m - k| and m
     holds no required bit (`nonempty`) that k lacks."""
     kept: list[tuple[int, float]] = []
-    for m, v in sorted(table.items(), key=lambda mv: -mv[1]):
+    for m, v in sorted(table.items(), key=itemgetter(1), reverse=True):
         for k, w in kept:
             extra = m & ~k
             if not extra & nonempty and w - v >= g * extra.bit_count():
@@ -236,11 +238,19 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
                 take(backs[c], mc)
 
     try:
-        for j in opened.tolist():
-            if j < n:
+        for j in opened[opened >= n].tolist():
+            kids, bj = children[j], base[j]
+            if len(kids) == 1:  # most open nodes: optional(c) shifted, without the copies
+                c = kids[0]
+                t = table[c]
+                v0 = t.get(0)
+                empty = empty_wins[c] = v0 is None or v0 < 0.0
+                tj = {m: val + bj for m, val in t.items()}
+                if empty:
+                    tj[0] = bj
+                table[j], backs[j] = tj, [(c, LIFT)]
                 continue
-            acc, backs[j] = combine(children[j])
-            bj = base[j]
+            acc, backs[j] = combine(kids)
             table[j] = {m: val + bj for m, val in acc.items()}
 
         # components: open tops linked by a shared open cluster (union-find over tops)
