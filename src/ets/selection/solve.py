@@ -121,18 +121,21 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
         # (F non-empty: dropping i must leave some candidate kept)
         new_out = ~f_in & ~f_out & covered[cl] & (p.outcome <= p.cost[:n]) & f_in.any()
         f_out |= new_out
-        changed = len(new_in) or new_out.any()
+        grew = len(new_in) > 0
         if by_cluster:
             # net from before this step's fixing in: never above the current one, so still sound
-            changed |= _fix_by_cluster(p, free, net, paths, f_in, f_out, kept, covered)
-        if not changed:
+            grew |= _fix_by_cluster(p, free, net, paths, f_in, f_out, kept, covered)
+        if not grew:
+            # Nothing fixed in: P(F) and the covered clusters are as they were, so net, the
+            # covered-cluster rule and each cluster's champion and rivals (the members fixed
+            # out this round were already left out of them) are too: a fixed point.
             return f_in, f_out
 
 
 def _fix_by_cluster(p: SelectionProblem, free: np.ndarray, net: np.ndarray, paths: np.ndarray,
                     f_in: np.ndarray, f_out: np.ndarray, kept: np.ndarray, covered: np.ndarray) -> bool:
     """The per-cluster rules of fix_variables, once, given a lower bound `net` on net_i for the
-    candidates `free`; updates the arrays in place, True if any candidate was fixed."""
+    candidates `free`; updates the arrays in place, True if any candidate was fixed in."""
     cl = p.cluster
     sel = ~f_in[free] & ~f_out[free] & ~covered[cl[free]]
     idx, net = free[sel], net[sel]
@@ -154,7 +157,7 @@ def _fix_by_cluster(p: SelectionProblem, free: np.ndarray, net: np.ndarray, path
     f_in[new_in] = True
     kept[paths[new_in].ravel()] = True
     covered[k[win]] = True
-    return bool(out.any() or win.any())
+    return bool(win.any())
 
 
 def solve_milp(p: SelectionProblem, fixed_in: np.ndarray | None = None,
