@@ -17,10 +17,15 @@ v' >= v is the plain case), since any completion of the first is matched by the 
 of the second: the clusters m covers beyond m' are worth at most g each. A component's optimum
 is max over its masks of value + g * |mask|.
 
+Subtrees with no open cluster below ("closed") need no table: their value is the plain tree DP
+(max(0, v) per child), done level by level in numpy, and an open parent adds it to every state.
+When the tops of a component share so many clusters that their product outgrows the caps, they
+are merged instead by a DP over all 2^u masks of the component's u clusters (`_merge_by_mask`).
+
 Exact as long as every node cost is >= 0 (checked by the caller). A table holds up to 2^(open
-clusters in the subtree) states; once a product would take more than MAX_PAIRS state pairs the
-DP gives up (returns None) and the caller falls back to HiGHS, so correctness never depends on
-the tables staying small.
+clusters in the subtree) states; past MAX_PAIRS / MAX_STATES (and MAX_CELLS for the mask merge)
+the DP gives up (returns None) and the caller falls back to HiGHS, so correctness never depends
+on the tables staying small.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ MAX_STATES = 64
 MAX_CELLS = 1 << 20  # states * 2^clusters for the mask DP that merges a component's tops
 
 
+_NEG = float("-inf")
+
+
 class TooManyStates(Exception):
-    pass
+    """A table outgrew its cap: the caller falls back to HiGHS."""
 
 
 def _pareto(table: dict[int, float], g: float, nonempty: int) -> dict[int, float]:
@@ -78,7 +86,7 @@ def _product(a: dict[int, float], b: dict[int, float], g: float, nonempty: int, 
     for ma, va in a.items():
         for mb, vb in b.items():
             m, v = ma | mb, va + vb
-            if v > out.get(m, -np.inf):
+            if v > out.get(m, _NEG):
                 out[m], back[m] = v, (ma, mb)
     return _pareto(out, g, nonempty), back
 
@@ -128,9 +136,9 @@ def _merge_by_mask(tabs: list[dict[int, float]], g: float, nonempty: int) -> lis
 
 def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: np.ndarray,
                max_pairs: int | None = None) -> np.ndarray | None:
-    """[N] bool optimal selection given the fixing (f_in kept, f_out dropped), or None when a
-    table product outgrows max_pairs (default MAX_PAIRS). Needs p.cost >= 0 and the coverage
-    term on."""
+    """[N] bool optimal selection given the fixing (f_in kept, f_out dropped; both from
+    fix_variables, so some optimum respects them), or None when the tables outgrow their caps
+    (max_pairs defaults to MAX_PAIRS). Needs p.cost >= 0 and the coverage term on."""
     max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
     n, cl, g = p.n_cand, p.cluster, p.bonus
     paid = np.zeros(len(p.parent), bool)
