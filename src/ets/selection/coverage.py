@@ -134,14 +134,39 @@ def _merge_by_mask(tabs: list[dict[int, float]], g: float, nonempty: int) -> lis
     return chosen[::-1]
 
 
+def common_chain(paths: np.ndarray) -> np.ndarray:
+    """Nodes on every candidate's path (the root down to the first branching): kept in every
+    feasible selection, since some candidate is always kept."""
+    same = np.all(paths == paths[:1], axis=0)
+    return paths[0, : int(np.argmin(same)) if not same.all() else paths.shape[1]]
+
+
 def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: np.ndarray,
                max_pairs: int | None = None) -> np.ndarray | None:
     """[N] bool optimal selection given the fixing (f_in kept, f_out dropped; both from
     fix_variables, so some optimum respects them), or None when the tables outgrow their caps
-    (max_pairs defaults to MAX_PAIRS). Needs p.cost >= 0 and the coverage term on."""
+    (max_pairs defaults to MAX_PAIRS). Needs p.cost >= 0 and the coverage term on.
+
+    With F empty, sum x >= 1 binds. The common chain is kept whatever is chosen, so first solve
+    with it paid and the constraint dropped (the objective differs by a constant on non-empty
+    selections): a non-empty optimum of that relaxation is optimal. Only if it keeps nothing is
+    the constraint enforced, by a bit every candidate sets, over the whole tree as one top."""
     max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
+    if f_in.any():
+        return _solve_open(p, f_in, f_out, paths, max_pairs, p.parent < -1, False)
+    chain = np.zeros(len(p.parent), bool)
+    chain[common_chain(paths)] = True
+    keep = _solve_open(p, f_in, f_out, paths, max_pairs, chain, False)
+    if keep is None or keep.any():
+        return keep
+    return _solve_open(p, f_in, f_out, paths, max_pairs, p.parent < -1, True)
+
+
+def _solve_open(p, f_in, f_out, paths, max_pairs, paid, need_one):
+    """solve_open with the nodes `paid` (P(F) is added) counted as kept; need_one (F empty and
+    nothing paid): some candidate must be kept."""
     n, cl, g = p.n_cand, p.cluster, p.bonus
-    paid = np.zeros(len(p.parent), bool)
+    paid = paid.copy()
     paid[paths[f_in].ravel()] = True
     covered = np.zeros(int(cl.max()) + 1, bool)
     covered[cl[f_in]] = True
@@ -154,9 +179,9 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
         return None  # masks would overflow the int64 labels below; HiGHS takes it
     bit_of = np.zeros(len(covered), np.int64)
     bit_of[open_k] = 1 << np.arange(len(open_k), dtype=np.int64)
-    # F empty: the root is unpaid and some candidate must be kept; a pseudo-cluster bit that
+    # need_one: the root is unpaid and some candidate must be kept; a pseudo-cluster bit that
     # every candidate sets (and the optimum must contain) enforces sum x >= 1
-    nonempty = (1 << len(open_k)) if not f_in.any() else 0
+    nonempty = (1 << len(open_k)) if need_one else 0
     mask = np.zeros(n, np.int64)
     mask[free] = bit_of[cl[free]] | nonempty
 
@@ -174,8 +199,8 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     # Closed nodes, bottom up: v = outcome - cost (candidate) or -cost + sum of the children's
     # max(0, v); a closed child is kept iff v >= 0 (ties go to keeping). `gain` collects, per
     # parent, the children's max(0, v): an open parent adds it to every state of its table.
-    # Closed nodes exist only when F is not empty (else every candidate has the nonempty bit),
-    # so the root is paid and every closed node has a parent.
+    # Closed nodes exist only without need_one (else every candidate has the nonempty bit), and
+    # then the root is paid (in P(F) or the common chain), so every closed node has a parent.
     size = len(p.parent)
     v = np.zeros(size)
     gain = np.zeros(size)

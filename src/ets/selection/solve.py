@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from ets.selection.coverage import solve_open
+from ets.selection.coverage import common_chain, solve_open
 from ets.selection.program import InfeasibleSelection, SelectionProblem
 from ets.selection.tree_dp import TreeDP
 
@@ -75,7 +75,8 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
     """Candidates in (out of) some optimal selection, decided before the solver runs.
 
     Needs every node cost >= 0 (not the lambda_c == 0 guard, where nothing is fixed). F = fixed
-    in, P(F) = their path nodes; until nothing changes:
+    in, P(F) = their path nodes plus the common chain (the nodes on every candidate's path, kept
+    by every feasible selection); until nothing changes:
     - in:  O_i >= cost of i's path outside P(F): adding i to any optimum containing F loses
            nothing, so some optimum contains i (ties go to keeping, as in the DP);
     - out: F is not empty, i's cluster is covered by F (or there is no coverage term) and
@@ -108,6 +109,7 @@ def fix_variables(p: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
     paths = candidate_paths(p)
     path_cost = p.cost[paths]
     kept = np.zeros(len(p.parent), bool)
+    kept[common_chain(paths)] = True  # kept by every feasible selection: already paid for
     covered = np.zeros(k_num, bool) if p.cluster is not None else np.ones(k_num, bool)
     by_cluster = p.cluster is not None and p.bonus > 0
     while True:
