@@ -152,14 +152,15 @@ def solve_open(p: SelectionProblem, f_in: np.ndarray, f_out: np.ndarray, paths: 
     selections): a non-empty optimum of that relaxation is optimal. Only if it keeps nothing is
     the constraint enforced, by a bit every candidate sets, over the whole tree as one top."""
     max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
+    nothing = np.zeros(len(p.parent), bool)
     if f_in.any():
-        return _solve_open(p, f_in, f_out, paths, max_pairs, p.parent < -1, False)
-    chain = np.zeros(len(p.parent), bool)
+        return _solve_open(p, f_in, f_out, paths, max_pairs, nothing, False)
+    chain = nothing.copy()
     chain[common_chain(paths)] = True
     keep = _solve_open(p, f_in, f_out, paths, max_pairs, chain, False)
     if keep is None or keep.any():
         return keep
-    return _solve_open(p, f_in, f_out, paths, max_pairs, p.parent < -1, True)
+    return _solve_open(p, f_in, f_out, paths, max_pairs, nothing, True)
 
 
 def _solve_open(p, f_in, f_out, paths, max_pairs, paid, need_one):
