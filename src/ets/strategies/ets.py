@@ -30,7 +30,7 @@ class ETSConfig(StrategyConfig):
     cluster_threshold: float = 0.05
     node_cost: str = "nodes"  # "nodes": uniform 1/(M+N) (reference); "tokens": tokens / total
     kv_budget: int | None = None  # hard cap on kept tokens (prompt included); None = off
-    solver: str = "auto"  # "auto" (tree DP where exact, else fixing + HiGHS) | "milp" (HiGHS only)
+    solver: str = "auto"  # "auto" (tree DP, or fixing + coverage DP; HiGHS past its caps) | "milp" (HiGHS only)
     embedder: str = "minilm"  # "minilm" (default, offline) | "hash" (deterministic, no model)
 
     @classmethod
