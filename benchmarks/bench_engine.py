@@ -148,6 +148,12 @@ def revote_random(task, results, seed: int) -> float:
     return correct / len(results)
 
 
+def any_correct(task, results) -> float:
+    """Oracle: fraction of problems where some finished solution is right (the vote's ceiling)."""
+    return sum(any(task.grade(s.answer, p.gold) for s in solutions_of(r.tree, task.extract))
+               for p, r in results) / len(results)
+
+
 def revote(task, results, vote: str) -> float:
     return sum(task.grade(select_from_tree(r.tree, task, vote=vote).answer, p.gold) for p, r in results) / len(results)
 
@@ -211,16 +217,18 @@ def main(argv=None) -> None:
     rows = []
     for method, r in runs.items():
         rows.append((method, {"prm_weighted": r["accuracy"], "random_weighted": revote_random(task, r["results"], args.seed),
-                              "majority": revote(task, r["results"], "majority")}))
+                              "majority": revote(task, r["results"], "majority"),
+                              "any_correct": any_correct(task, r["results"])}))
     if args.random_search:
         cfg = SearchConfig(strategy="rebase", width=args.width, max_tokens=args.max_tokens, seed=args.seed,
                            sampling=SamplingConfig(max_step_tokens=args.max_step_tokens,
                                                    step_delimiter=args.step_delimiter))
         rs = bench_search(policy, RandomPRM(args.seed), task, problems, cfg, args.concurrency)
         rows.append(("rebase,rand-PRM", {"prm_weighted": float("nan"), "random_weighted": rs["accuracy"],
-                                         "majority": revote(task, rs["results"], "majority")}))
+                                         "majority": revote(task, rs["results"], "majority"),
+                                         "any_correct": any_correct(task, rs["results"])}))
     table("(iii) PRM worth: accuracy of the vote on the same trees (random = solution scores drawn at random)",
-          rows, ["prm_weighted", "random_weighted", "majority"])
+          rows, ["prm_weighted", "random_weighted", "majority", "any_correct"])
     print(f"\nengine counters: {({k: v for k, v in policy.stats().items() if k != 'expand_s'})}")
 
 
