@@ -162,7 +162,10 @@ def test_a_stop_signal_exits_130_and_writes_the_summary(tmp_path, signum):
     cmd = [sys.executable, "-m", "ets.cli", "run", "--policy", "mock", "--prm", "mock", "--embedder", "hash",
            "--strategy", "rebase", "--dataset", str(tmp_path / "toy.jsonl"), "--id-field", "id", "--limit", "0",
            "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # a job started in the background by a non-interactive shell (as CI may be) inherits SIGINT
+    # ignored; a terminal's Ctrl-C reaches a process with the default disposition
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and len(list((tmp_path / "runs").glob("*/problems/*.json"))) < 3:
         time.sleep(0.005)
