@@ -25,6 +25,7 @@ import time
 import torch
 
 from ets.answer import Solution, select_answer, select_from_tree, solutions_of
+from ets.cli import parse_delimiter
 from ets.config import SamplingConfig, SearchConfig
 from ets.engines.base import Expansion
 from ets.engines.hf import load_policy
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="ets,rebase")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--max-step-tokens", type=int, default=256)
-    ap.add_argument("--step-delimiter", default="\n",
+    ap.add_argument("--step-delimiter", type=parse_delimiter, default="\n",
                     help="step delimiter (default: a newline, as `ets run` uses for the default model)")
     ap.add_argument("--plain-step-tokens", type=int, default=64, help="(i): tokens per step of the tree")
     ap.add_argument("--policy", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")

@@ -559,7 +559,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory")
     ap.add_argument("--max-step-tokens", type=int, default=256)
     ap.add_argument("--max-depth", type=int, default=25)
-    ap.add_argument("--step-delimiter", type=lambda t: t.replace("\\n", "\n").replace("\\t", "\t"),
+    from ets.cli import parse_delimiter
+
+    ap.add_argument("--step-delimiter", type=parse_delimiter,
                     default="\n\n", help="step delimiter (default the spec's blank line; \\n: one line per "
                                           "step, which SmolLM2-135M needs for a tree to form)")
     ap.add_argument("--kv-block-size", type=int, default=16, help="block size of the tree's block count")

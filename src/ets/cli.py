@@ -21,7 +21,7 @@ STRATEGY_FLAGS = ["lambda_c", "lambda_s", "node_cost", "kv_budget", "softmax_tem
                   "cluster_threshold", "solver", "overshoot"]
 
 
-def _delimiter(text: str) -> str:
+def parse_delimiter(text: str) -> str:
     """Shell-friendly step delimiter: the two-character escapes \\n and \\t mean newline and tab."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
     g.add_argument("--max-depth", type=int, default=25, help="depth cap (default 25)")
     g.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (default 256)")
-    g.add_argument("--step-delimiter", type=_delimiter, default="\n\n", help="step delimiter (default: run '\\n' for the default model, compare '\\n\\n' as the spec)")
+    g.add_argument("--step-delimiter", type=parse_delimiter, default="\n\n", help="step delimiter (default: run '\\n' for the default model, compare '\\n\\n' as the spec)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--kv-block-size", type=int, default=16)
