@@ -183,6 +183,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=1,
                     help="problems in flight at once in (ii); their steps are decoded in shared batches")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of (ii)/(iii) (default 1.0)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -193,7 +195,7 @@ def main(argv=None) -> None:
     print(f"machine: {machine(policy)}")
     print(f"policy: {policy.name}; PRM: default; width {args.width}; {len(problems)} GSM8K problems "
           f"(first {args.problems}), {args.concurrency} problem(s) in flight; max_tokens {args.max_tokens}, "
-          f"max_step_tokens {args.max_step_tokens}")
+          f"max_step_tokens {args.max_step_tokens}, temperature {args.temperature}, top_p {args.top_p}")
 
     if not args.skip_plain:
         rows = bench_plain(policy, task.prompt(problems[0]), args.width, args.plain_step_tokens)
@@ -205,11 +207,12 @@ def main(argv=None) -> None:
               f"({saved / rows[1][1]['computed']:.0%} of plain)")
 
     prm = DefaultPRM()
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                              max_step_tokens=args.max_step_tokens, step_delimiter=args.step_delimiter)
     runs = {}
     for method in args.methods.split(","):
         cfg = SearchConfig(strategy=method, width=args.width, max_tokens=args.max_tokens, seed=args.seed,
-                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens,
-                                                   step_delimiter=args.step_delimiter))
+                           sampling=sampling)
         runs[method] = bench_search(policy, prm, task, problems, cfg, args.concurrency)
     table(f"(ii) search at width {args.width} on {len(problems)} GSM8K problems (weighted vote, DefaultPRM)",
           list(runs.items()), ["accuracy", "kv_mean", "kv_peak", "held_peak", "generated", "tok_s",
@@ -222,8 +225,7 @@ def main(argv=None) -> None:
                               "any_correct": any_correct(task, r["results"])}))
     if args.random_search:
         cfg = SearchConfig(strategy="rebase", width=args.width, max_tokens=args.max_tokens, seed=args.seed,
-                           sampling=SamplingConfig(max_step_tokens=args.max_step_tokens,
-                                                   step_delimiter=args.step_delimiter))
+                           sampling=sampling)
         rs = bench_search(policy, RandomPRM(args.seed), task, problems, cfg, args.concurrency)
         rows.append(("rebase,rand-PRM", {"prm_weighted": float("nan"), "random_weighted": rs["accuracy"],
                                          "majority": revote(task, rs["results"], "majority"),

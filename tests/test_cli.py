@@ -31,8 +31,24 @@ def test_no_args_is_the_main_job(monkeypatch):
     monkeypatch.setattr(cli, "cmd_run", lambda a: seen.setdefault("a", a) and 0)
     assert cli.main([]) == 0
     a = seen["a"]
-    assert (a.strategy, a.width, a.limit, a.max_tokens, a.step_delimiter, a.dataset, a.policy, a.prm,
-            a.embedder) == ("ets", 4, 2, 256, "\n", "gsm8k", "default", "default", "minilm")
+    assert (a.strategy, a.width, a.limit, a.max_tokens, a.dataset, a.policy, a.prm,
+            a.embedder) == ("ets", 4, 2, 256, "gsm8k", "default", "default", "minilm")
+    assert cli.search_config(a, a.strategy, a.width).sampling.step_delimiter == "\n"
+
+
+@pytest.mark.parametrize("verb", ["run", "compare"])
+def test_step_delimiter_default_follows_the_policy(verb):
+    """One newline for the default model (its steps are lines), the spec's blank line for any
+    other policy, and the flag wins over both."""
+    def delim(*extra):
+        a = cli.build_parser().parse_args([verb, *extra])
+        return cli.search_config(a, "ets", 4).sampling.step_delimiter
+
+    assert delim() == "\n"
+    assert delim("--policy", "mock") == "\n\n"
+    assert delim("--policy", "http://127.0.0.1:8000") == "\n\n"
+    assert delim("--step-delimiter", "\\n\\n") == "\n\n"
+    assert delim("--policy", "mock", "--step-delimiter", "STEP") == "STEP"
 
 
 def test_run_json_and_rerun(tmp_path, toy, capsys):

@@ -49,7 +49,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
     g.add_argument("--max-depth", type=int, default=25, help="depth cap (default 25)")
     g.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (default 256)")
-    g.add_argument("--step-delimiter", type=parse_delimiter, default="\n\n", help="step delimiter (default: run '\\n' for the default model, compare '\\n\\n' as the spec)")
+    g.add_argument("--step-delimiter", type=parse_delimiter, default=None,
+                   help="step delimiter (default: '\\n' for the default model, which ends its steps with one "
+                        "newline; '\\n\\n' as the spec for any other policy)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--kv-block-size", type=int, default=16)
@@ -81,10 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", default=None, metavar="DIR", help="resume this run directory")
     _add_common(r)
     # The no-argument job must finish in a few minutes on 2 CPU cores (SmolLM2-135M at ~14 tok/s):
-    # 2 problems and 256 generated tokens per trajectory; and the default model ends its steps
-    # with a single newline (with "\n\n" its first step runs to the token cap and no tree forms).
-    # SearchConfig and `compare` keep the spec's 1024 and "\n\n".
-    r.set_defaults(limit=2, max_tokens=256, step_delimiter="\n")
+    # 2 problems and 256 generated tokens per trajectory. SearchConfig and `compare` keep the
+    # spec's 1024. (The step delimiter's default follows the policy: see step_delimiter().)
+    r.set_defaults(limit=2, max_tokens=256)
     c = sub.add_parser("compare", help="several methods x widths on the same problems, interleaved")
     c.add_argument("--methods", type=_csv, default=["ets", "rebase"], help="comma list (default ets,rebase)")
     c.add_argument("--widths", type=lambda s: [int(x) for x in _csv(s)], default=[4, 8], help="comma list (default 4,8)")
@@ -135,11 +136,20 @@ def strategy_params(a, strategy: str, strict: bool) -> dict:
     return params
 
 
+def step_delimiter(a) -> str:
+    """--step-delimiter, else the default for the policy: the default model (SmolLM2-135M) ends
+    its steps with a single newline (with "\n\n" its first step runs to the token cap and no
+    tree forms); every other policy gets the spec's "\n\n"."""
+    if a.step_delimiter is not None:
+        return a.step_delimiter
+    return "\n" if a.policy == "default" else "\n\n"
+
+
 def search_config(a, strategy: str, width: int, strict: bool = True):
     from ets.config import SamplingConfig, SearchConfig
 
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_step_tokens=a.max_step_tokens,
-                              step_delimiter=a.step_delimiter)
+                              step_delimiter=step_delimiter(a))
     return SearchConfig(strategy=strategy, width=width, max_tokens=a.max_tokens, max_depth=a.max_depth,
                         kv_block_size=a.kv_block_size, seed=a.seed, sampling=sampling,
                         strategy_params=strategy_params(a, strategy, strict))
