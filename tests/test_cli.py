@@ -85,6 +85,26 @@ def test_flag_that_does_not_apply_is_an_error(tmp_path, toy, capsys):
     assert "width must be >= 1" in capsys.readouterr().err
 
 
+def test_kv_capacity_reaches_the_embedded_engine_and_the_run_name(tmp_path, toy, monkeypatch, capsys):
+    import ets.factory as f
+
+    seen = []
+    real = f.make_policy
+    monkeypatch.setattr(f, "make_policy", lambda spec, **opts: seen.append(opts) or real("mock", **opts))
+    base = ["run", "--policy", "/models/m", "--prm", "mock", "--embedder", "hash", "--no-progress", *toy, "--limit", "1"]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--kv-capacity", "3000"]) == 0
+    assert "kv_capacity" not in seen[0] and seen[1]["kv_capacity"] == 3000
+    identities = [json.loads((d / "config.json").read_text())["identity"] for d in run_dirs(tmp_path)]
+    assert sorted(i.get("kv_capacity", 0) for i in identities) == [0, 3000]  # two runs, two names
+    capsys.readouterr()
+    # a server or mock policy has no such option here: an error that says where to set it
+    assert cli.main(["run", *MOCK, *toy, "--kv-capacity", "3000"]) == 2
+    assert "kv_capacity applies to the embedded engine only" in capsys.readouterr().err
+    assert cli.main([*base, "--kv-capacity", "0"]) == 2
+    assert "kv_capacity must be a positive number" in capsys.readouterr().err
+
+
 def test_malformed_dataset_stops_before_running(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "1"}\n{"question": "b"\n')

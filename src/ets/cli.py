@@ -44,6 +44,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prm", default="default", help="default | mock | math-shepherd:PATH | qwen-prm:PATH | http://URL")
     g.add_argument("--embedder", default="minilm", help="ETS clustering embedder: minilm | hash")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
+    g.add_argument("--kv-capacity", type=int, default=None,
+                   help="KV tokens the embedded engine may hold at once; beyond it a depth is decoded in waves (default unbounded)")
     g = p.add_argument_group("search (SearchConfig / SamplingConfig)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
@@ -115,7 +117,7 @@ def run_config(a) -> "RunConfig":
     return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
                      id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),
                      policy=a.policy, prm=a.prm, embedder=a.embedder, concurrency=a.concurrency,
-                     runs_dir=a.runs_dir, vote=a.vote, agg=a.agg)
+                     kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg)
 
 
 def strategy_params(a, strategy: str, strict: bool) -> dict:
@@ -161,6 +163,8 @@ def _models(a, rc):
     opts = {"seed": a.seed}
     if a.device:
         opts["device"] = a.device
+    if rc.kv_capacity is not None:
+        opts["kv_capacity"] = rc.kv_capacity
     policy = make_policy(rc.policy, **opts)
     prm = make_prm(rc.prm, policy, seed=a.seed)
     return policy, prm

@@ -95,6 +95,9 @@ class RunConfig:
     prm: str = "default"  # ets.factory.make_prm spec
     embedder: str = "minilm"  # ETS clustering embedder (ets.cluster.EMBEDDERS)
     concurrency: int = 1  # problems in flight at once
+    # KV tokens the embedded engine may hold at once, as a serving engine's cache size: beyond it
+    # a depth's sequences are decoded in waves (None: unbounded). Ignored by server/mock policies.
+    kv_capacity: int | None = None
     runs_dir: str = "runs"
     vote: str = "weighted"  # answer selection recorded in results (ets.answer)
     agg: str = "last"
@@ -107,6 +110,12 @@ class RunConfig:
         _check(self.limit is None or self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         _check(self.offset >= 0, f"offset must be >= 0, got {self.offset}")
         _check(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
+        _check(self.kv_capacity is None or self.kv_capacity >= 1,
+               f"kv_capacity must be a positive number of tokens, got {self.kv_capacity}")
+        _check(self.kv_capacity is None or not (self.policy == "mock" or self.policy.startswith(("http://", "https://"))),
+               f"kv_capacity applies to the embedded engine only, not to policy {self.policy!r}; a server's "
+               "cache size is set where the server starts (vLLM: --gpu-memory-utilization or "
+               "--num-gpu-blocks-override)")
         _check(self.embedder in EMBEDDERS, f"unknown embedder {self.embedder!r}; choose one of {sorted(EMBEDDERS)}")
         _check(self.vote in VOTE_CHOICES, f"vote must be one of {VOTE_CHOICES}, got {self.vote!r}")
         _check(self.agg in AGG_CHOICES, f"agg must be one of {AGG_CHOICES}, got {self.agg!r}")
@@ -122,4 +131,7 @@ class RunConfig:
         return {"search": search.to_dict(), "policy": self.policy, "prm": self.prm,
                 "embedder": self.embedder if search.strategy == "ets" else None,
                 "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
-                "task": task}
+                "task": task,
+                # waves change the order of random draws, hence the samples; left out when unset
+                # so that run names made before the option existed still resume
+                **({"kv_capacity": self.kv_capacity} if self.kv_capacity is not None else {})}
