@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         for seq in gen:
             n = next((i + 1 for i, t in enumerate(seq) if t == eos), len(seq))
             tokens += n
-            ended += n < len(seq) or (n == len(seq) and seq[-1] == eos)
+            ended += eos in seq
             text = policy.tok.decode(seq[:n], skip_special_tokens=True)
             strict = extract_answer(text)
             stated += strict is not None

@@ -96,7 +96,7 @@ class RunConfig:
     embedder: str = "minilm"  # ETS clustering embedder (ets.cluster.EMBEDDERS)
     concurrency: int = 1  # problems in flight at once
     # KV tokens the embedded engine may hold at once, as a serving engine's cache size: beyond it
-    # a depth's sequences are decoded in waves (None: unbounded). Ignored by server/mock policies.
+    # a depth's sequences are decoded in waves (None: unbounded). An error with server/mock policies.
     kv_capacity: int | None = None
     runs_dir: str = "runs"
     vote: str = "weighted"  # answer selection recorded in results (ets.answer)
@@ -104,6 +104,7 @@ class RunConfig:
 
     def __post_init__(self):
         from ets.cluster import EMBEDDERS
+        from ets.factory import is_embedded
 
         if isinstance(self.ids, (list, str)):
             object.__setattr__(self, "ids", tuple([self.ids] if isinstance(self.ids, str) else self.ids))
@@ -112,7 +113,7 @@ class RunConfig:
         _check(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
         _check(self.kv_capacity is None or self.kv_capacity >= 1,
                f"kv_capacity must be a positive number of tokens, got {self.kv_capacity}")
-        _check(self.kv_capacity is None or not (self.policy == "mock" or self.policy.startswith(("http://", "https://"))),
+        _check(self.kv_capacity is None or is_embedded(self.policy),
                f"kv_capacity applies to the embedded engine only, not to policy {self.policy!r}; a server's "
                "cache size is set where the server starts (vLLM: --gpu-memory-utilization or "
                "--num-gpu-blocks-override)")

@@ -53,6 +53,11 @@ def _is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
+def is_embedded(spec: str | None) -> bool:
+    """Whether make_policy(spec) builds the embedded engine (ets.engines.hf.load_policy)."""
+    return spec != "mock" and not _is_url(spec or "")
+
+
 def make_policy(spec: str | None, **opts):
     if spec in (None, "", "default"):
         return _call("ets.engines.hf.load_policy", None, **opts)
