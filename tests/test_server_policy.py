@@ -104,6 +104,29 @@ def test_request_format_children_and_token_ids(stand_in):
     assert d.logprobs == (-0.5,) * 5 and e.token_ids[-1] == 2 and len(l.token_ids) == 9
 
 
+def test_requests_carry_a_seed_that_depends_only_on_the_path(stand_in):
+    """Common random numbers: a node's request seed is a function of (run seed, path ids), so
+    the same node asked for by another strategy, with another n, or later, draws the same
+    samples (vLLM seeds child i with seed + i)."""
+    from ets.engines.base import node_seed
+
+    srv = stand_in(FakeVLLM())
+    tree = Tree([5, 6, 7], "prompt")
+    child = tree.add_child(tree.root, [8, 9], "a\n\n", DELIMITER)
+    _expand(ServerPolicy(srv.url, model="m", measure=False, seed=3), [Expansion(child, 3), Expansion(tree.root, 1)])
+    _expand(ServerPolicy(srv.url, model="m", measure=False, seed=3), [Expansion(child, 5)])
+    _expand(ServerPolicy(srv.url, model="m", measure=False, seed=4), [Expansion(child, 2)])
+    _expand(ServerPolicy(srv.url, model="m", measure=False, seed=None), [Expansion(child, 2)])
+    posts = srv.posts("/v1/completions")
+    seeds = [p.get("seed") for p in posts if p["prompt"] == [5, 6, 7, 8, 9]]
+    assert seeds[0] == seeds[1] == node_seed(3, [5, 6, 7, 8, 9])
+    assert seeds[2] == node_seed(4, [5, 6, 7, 8, 9]) != seeds[0]
+    assert seeds[3] is None
+    root_seed = next(p["seed"] for p in posts if p["prompt"] == [5, 6, 7])
+    assert root_seed == node_seed(3, [5, 6, 7]) != seeds[0]
+    assert all(0 <= s < 2 ** 31 - 64 for s in seeds[:3])
+
+
 def test_retries_transient_then_succeeds(stand_in):
     fake = FakeVLLM(fail_first=2, status=503)
     srv = stand_in(fake)

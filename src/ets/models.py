@@ -107,3 +107,18 @@ def default_model_dir() -> Path:
     if out.exists():  # a folder without the marker is not ours to trust
         raise RuntimeError(f"{out} exists but is incomplete; delete it and retry")
     return convert_gguf(gguf, out)
+
+
+def gguf_model_dir(gguf: Path | str) -> Path:
+    """Folder of a converted GGUF file (any model, e.g. the benchmark model), converting it on
+    first use. Named by the file's stem and size, so a different file of the same name gets its
+    own folder. `ets serve FILE.gguf` and `--policy FILE.gguf` both go through here."""
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    out = cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (out / _DONE).is_file():
+        return out
+    if out.exists():
+        raise RuntimeError(f"{out} exists but is incomplete; delete it and retry")
+    return convert_gguf(gguf, out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ets.config import SearchConfig
@@ -17,6 +18,19 @@ from ets.extract import has_final_answer
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 from ets.strategies import Frontier, Strategy, build_strategy
 from ets.tree import ANSWER, CAP, DEPTH, Node, Tree, kv_footprint
+
+
+# Strategy decisions (for ETS: embedding the candidates' steps, clustering, the program) run in
+# ONE worker thread shared by every problem in flight, not on the event loop: while one problem
+# clusters, the others keep sending requests. One thread (not a pool) keeps the client's CPU use
+# bounded beside a server on the same machine and serialises use of the shared embedder.
+_SELECT_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ets-select")
+
+
+def _timed_select(strategy: Strategy, frontier: Frontier):
+    t0 = time.perf_counter()
+    alloc, info = strategy.select(frontier)
+    return alloc, info, time.perf_counter() - t0
 
 
 class StepDelimiterError(RuntimeError):
@@ -86,7 +100,7 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
     prompt_ids, prompt_text = policy.format_prompt(question)
     tree = Tree(prompt_ids, prompt_text)
     trace: list[StepTrace] = []
-    counters = {"generated_tokens": 0, "policy_calls": 0, "prm_calls": 0, "select_s": 0.0}
+    counters = {"generated_tokens": 0, "policy_calls": 0, "prm_calls": 0, "select_s": 0.0, "select_wait_s": 0.0}
     remaining = cfg.width
     frontier: list[Node] = [tree.root]  # nodes created at the current depth
     depth = 0
@@ -110,11 +124,12 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
 
         t0 = time.perf_counter()
         if depth == 0:  # every strategy starts by sampling the whole width from the root
-            alloc, info = [remaining], {}
+            alloc, info, select_s = [remaining], {}, 0.0
         else:
-            alloc, info = strategy.select(Frontier(depth, candidates, finished, remaining, cfg.width))
-        select_s = time.perf_counter() - t0
-        counters["select_s"] += select_s
+            alloc, info, select_s = await asyncio.get_running_loop().run_in_executor(
+                _SELECT_POOL, _timed_select, strategy, Frontier(depth, candidates, finished, remaining, cfg.width))
+        counters["select_s"] += select_s  # the decision's own compute time
+        counters["select_wait_s"] += time.perf_counter() - t0 - select_s  # queued behind other problems
         _check_alloc(strategy, alloc, candidates, remaining)
         if sum(alloc) == 0:  # the strategy has nothing left to grow (e.g. DVTS budgets spent)
             policy.release(frontier)

@@ -169,7 +169,8 @@ def start_vllm_server(model_dir: str | Path, port: int, venv_python: str | Path,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ets serve", description="Serve a policy model with vLLM "
                                  "(prefix caching on). Arguments after `--` go to vLLM as they are.")
-    ap.add_argument("model", nargs="?", help="model folder or hub name (default: the default model)")
+    ap.add_argument("model", nargs="?", help="model folder, a .gguf file (converted once to a cached folder), "
+                    "or hub name (default: the default model)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--kv-cache-gb", type=int, default=2, help="KV cache GiB (CPU build)")
@@ -186,6 +187,10 @@ def main(argv=None) -> int:
         from ets.models import default_model_dir
 
         args.model = str(default_model_dir())
+    elif args.model.endswith(".gguf"):
+        from ets.models import gguf_model_dir
+
+        args.model = str(gguf_model_dir(args.model))
     python = ensure_vllm_venv(args.venv or default_venv())
     print(f"[ets] starting vLLM for {args.model} on {args.host}:{args.port} ...", file=sys.stderr, flush=True)
     server = start_vllm_server(args.model, args.port, python, args.kv_cache_gb, host=args.host,

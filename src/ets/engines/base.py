@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -13,6 +14,21 @@ from ets.tree import Node
 DELIMITER = "delimiter"  # the step delimiter was generated (it is part of the step's tokens)
 EOS = "eos"  # the model ended the sequence
 LENGTH = "length"  # max_step_tokens reached without delimiter or EOS
+
+
+SEED_BITS = 31  # servers take the seed as a (signed) int and seed child i with seed + i
+
+
+def node_seed(run_seed: int, path_token_ids: Sequence[int]) -> int:
+    """The sampling seed of one node's expansion: a function of the run's seed and the node's
+    whole path (the prompt's ids, which name the problem, then every step's ids), nothing else.
+    Child i of the node is drawn with `node_seed(...) + i`, so a node's k-th sample is the same
+    whichever strategy asks for it, however many siblings are asked for, and whatever else is
+    in flight (common random numbers across methods; resumed == uninterrupted)."""
+    h = hashlib.blake2b(digest_size=8, key=int(run_seed).to_bytes(8, "little", signed=True))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in path_token_ids))
+    # leave room for + child index below 2**SEED_BITS
+    return int.from_bytes(h.digest(), "little") % (2 ** SEED_BITS - 2 ** 16)
 
 
 @dataclass(frozen=True)

@@ -409,19 +409,17 @@ def load_policy(path: str | None = None, device=None, kv_capacity: int | None = 
     dtype: torch dtype or its name; default float32 on CPU, bfloat16 on GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ets.models import default_model_dir, load_gguf
+    from ets.models import default_model_dir, gguf_model_dir
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     src = Path(path) if path else default_model_dir()
-    if src.suffix == ".gguf":
-        model, tok = load_gguf(src)
-        model = model.to(dtype)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(src))
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
+    # a GGUF file is dequantized once into a cached transformers folder (ets.models)
+    folder = gguf_model_dir(src) if src.suffix == ".gguf" else src
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     policy = HFPolicy(model, tok, device=dev, kv_capacity=kv_capacity, **kw)
     policy.name = f"hf:{src.name}"
     return policy

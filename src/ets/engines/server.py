@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import httpx
 
 from ets.config import SamplingConfig
-from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step
+from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step, node_seed
 from ets.engines.server_metrics import SGLANG, VLLM, Monitor
 from ets.tree import Node
 
@@ -120,7 +120,8 @@ class ServerPolicy(Policy):
                  tokenizer_path: str | Path | None = None, max_concurrency: int = 64,
                  timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
-                 metrics_interval_s: float = 0.1, system_prompt: str | None = None):
+                 metrics_interval_s: float = 0.1, system_prompt: str | None = None,
+                 seed: int | None = 0):
         """urls: one base URL, a comma-separated string, or a list (one per server).
         model: the name the servers serve (None: asked from /v1/models, per server).
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
@@ -128,7 +129,9 @@ class ServerPolicy(Policy):
         max_concurrency: HTTP requests in flight per server. timeout_s: per request.
         retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
         measure: sample /metrics during each expand (metrics_interval_s apart).
-        system_prompt: a system turn before the question (None: the template's own default)."""
+        system_prompt: a system turn before the question (None: the template's own default).
+        seed: the run's seed; each request carries `node_seed(seed, node's path)` so a node's
+        children are the same samples whoever asks (None: unseeded requests)."""
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or metrics_interval_s <= 0:
@@ -138,6 +141,7 @@ class ServerPolicy(Policy):
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.measure, self.metrics_interval_s = measure, metrics_interval_s
         self.system_prompt = system_prompt
+        self.seed = seed
         self.servers = [_Server(u) for u in split_urls(urls)]
         self.name = f"server:{flavour}"
         self._tok = None
@@ -310,11 +314,14 @@ class ServerPolicy(Policy):
     async def _sample(self, server: _Server, node: Node, n: int, sampling: SamplingConfig) -> list[Step]:
         ids = node.path_token_ids()
         model = await self._model_name(server)
+        seed = None if self.seed is None else node_seed(self.seed, ids)
         if self.flavour == VLLM:
             payload = {"prompt": ids, "n": n, "max_tokens": sampling.max_step_tokens,
                        "temperature": sampling.temperature, "top_p": sampling.top_p,
                        "stop": [sampling.step_delimiter], "include_stop_str_in_output": True,
                        "logprobs": 0, "return_token_ids": True}
+            if seed is not None:  # vLLM seeds child i with seed + i
+                payload["seed"] = seed
             if model is not None:
                 payload["model"] = model
             body = await self._request(server, "POST", "/v1/completions", payload)
@@ -323,7 +330,8 @@ class ServerPolicy(Policy):
             payload = {"input_ids": ids, "return_logprob": True,
                        "sampling_params": {"n": n, "max_new_tokens": sampling.max_step_tokens,
                                            "temperature": sampling.temperature, "top_p": sampling.top_p,
-                                           "stop": [sampling.step_delimiter], "no_stop_trim": True}}
+                                           "stop": [sampling.step_delimiter], "no_stop_trim": True,
+                                           **({"sampling_seed": seed} if seed is not None else {})}}
             body = await self._request(server, "POST", "/generate", payload)
             steps = self._parse_sglang(server, body, sampling, len(ids))
         if len(steps) != n:
