@@ -23,7 +23,7 @@ def toy(tmp_path):
 
 
 def run_dirs(tmp_path):
-    return sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    return sorted(p for p in (tmp_path / "runs").iterdir() if (p / "config.json").is_file())
 
 
 def test_no_args_is_the_main_job(monkeypatch):

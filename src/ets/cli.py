@@ -32,7 +32,8 @@ def _csv(text: str) -> list[str]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("problems")
-    g.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | path to a JSONL file (default gsm8k)")
+    g.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | path to a JSONL file (default gsm8k; "
+                                                     "compare: a comma list runs each)")
     g.add_argument("--question-field", default="question", help="JSONL field with the question")
     g.add_argument("--answer-field", default="answer", help="JSONL field with the gold answer")
     g.add_argument("--id-field", default=None, help="JSONL field with a unique id (default: <file stem>-<index>)")
@@ -67,7 +68,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=["auto", "exact", "milp"], default=None)
     g.add_argument("--overshoot", action="store_true", default=None, help="beam: allow overshooting the width")
     g = p.add_argument_group("run")
-    g.add_argument("--concurrency", type=int, default=1, help="problems in flight at once (default 1)")
+    g.add_argument("--concurrency", type=int, default=1,
+                   help="problems in flight at once (default 1; compare: the chunk size C)")
     g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     g.add_argument("--vote", choices=["weighted", "majority", "best"], default="weighted")
     g.add_argument("--agg", choices=["last", "min", "prod", "mean"], default="last")
@@ -88,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     # 2 problems and 256 generated tokens per trajectory. SearchConfig and `compare` keep the
     # spec's 1024. (The step delimiter's default follows the policy: see step_delimiter().)
     r.set_defaults(limit=2, max_tokens=256)
-    c = sub.add_parser("compare", help="several methods x widths on the same problems, interleaved")
-    c.add_argument("--methods", type=_csv, default=["ets", "rebase"], help="comma list (default ets,rebase)")
+    c = sub.add_parser("compare", help="several methods x widths on the same problems, interleaved in chunks")
+    c.add_argument("--methods", type=_csv, default=["ets", "rebase"],
+                   help="comma list of method specs strategy[:key=value/key=value], e.g. "
+                        "rebase,ets,ets:lambda_c=2/node_cost=tokens,beam,dvts,best_of_n (default ets,rebase)")
     c.add_argument("--widths", type=lambda s: [int(x) for x in _csv(s)], default=[4, 8], help="comma list (default 4,8)")
-    c.add_argument("--plot", default=None, help="PNG path (default RUNS_DIR/compare-<hash>.png)")
-    c.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    c.add_argument("--out", default=None, help="folder for results.md, results.json and the PNGs "
+                                               "(default RUNS_DIR/compare-<hash>)")
+    c.add_argument("--plot", default=None, help="PNG of accuracy and KV vs width (default OUT/widths.png)")
+    c.add_argument("--title", default="Comparison", help="title of results.md")
+    c.add_argument("--note", default="", help="a paragraph added to results.md")
     _add_common(c)
     s = sub.add_parser("score", help="recompute accuracy from saved trees (no generation)")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -176,10 +183,8 @@ async def _close(*objs) -> None:
             await o.aclose()
 
 
-def _execute(groups, task, a, rc):
-    """Build the models, run the jobs, close the models; returns the outcomes."""
-    from ets.runner import run_jobs
-
+def _execute(work, a, rc):
+    """Build the models, await work(policy, prm), close the models; returns its result."""
     policy, prm = _models(a, rc)
 
     terminated = []
@@ -191,8 +196,7 @@ def _execute(groups, task, a, rc):
         me, loop = asyncio.current_task(), asyncio.get_running_loop()
         watching = _watch_sigterm(loop, lambda: (terminated.append(True), me.cancel()))
         try:
-            return await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
-                                  agg=rc.agg, progress=not a.no_progress)
+            return await work(policy, prm)
         except asyncio.CancelledError:
             if not terminated:
                 raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
@@ -205,10 +209,10 @@ def _execute(groups, task, a, rc):
                 _sigterm_as_interrupt()
             await _close(policy, prm)
 
-    outcomes = asyncio.run(go())
-    if outcomes is None:
+    result = asyncio.run(go())
+    if result is None:
         raise KeyboardInterrupt
-    return outcomes
+    return result
 
 
 def _fmt_summary(s: dict) -> str:
@@ -217,11 +221,14 @@ def _fmt_summary(s: dict) -> str:
             f"  blocks mean {s['kv_blocks_mean']:.1f} peak {s['kv_blocks_peak']}"
             f"  | {s['tokens_per_s']:.1f} gen tok/s, {s['problems_per_s']:.3f} problems/s"
             f" ({s['in_flight']} in flight), selection {s['select_s']:.2f} s"
-            f"  | embedder {s.get('embedder') or '-'}")
+            f"  | embedder {s.get('embedder') or '-'}"
+            + (f"  | measured KV mean {s['measured_kv_mean']:.0f} peak {s['measured_kv_peak']:.0f}"
+               if s.get("measured_kv_mean") is not None else "")
+            + (f"  | prefix-cache hit rate {s['prefix_cache_hit_rate']:.3f} ({s['prefix_cache_hits']:.0f} of "
+               f"{s['prefix_cache_queries']:.0f} prompt tokens)" if s.get("prefix_cache_hit_rate") is not None else ""))
 
 
-def _report_failures(outcomes) -> int:
-    failures = [f for o in outcomes.values() for f in o.failures]
+def _report_failures(failures) -> int:
     for f in failures:
         print(f"error: {f.message}", file=sys.stderr)
     if failures:
@@ -233,7 +240,7 @@ def _report_failures(outcomes) -> int:
 # -- verbs ---------------------------------------------------------------------------------------
 
 def cmd_run(a) -> int:
-    from ets.runner import Job, write_summary
+    from ets.runner import Job, run_jobs, write_summary
     from ets.runs import RunDir
     from ets.tasks import load_dataset
 
@@ -245,48 +252,83 @@ def cmd_run(a) -> int:
     print(f"run directory: {run.path}  ({len(problems)} problems, "
           f"{sum(run.is_done(p.id) for p in problems)} already done)", file=sys.stderr)
     try:
-        outcomes = _execute([[Job(p, cfg, run)] for p in problems], task, a, rc)
+        groups = [[Job(p, cfg, run)] for p in problems]
+        outcomes = _execute(lambda policy, prm: run_jobs(groups, task, policy, prm, concurrency=rc.concurrency,
+                                                         vote=rc.vote, agg=rc.agg, progress=not a.no_progress), a, rc)
     finally:
         summary = write_summary(run, [p.id for p in problems])
-    rc_exit = _report_failures(outcomes)
+    rc_exit = _report_failures([f for o in outcomes.values() for f in o.failures])
     print(json.dumps(summary, indent=1) if a.json else _fmt_summary(summary))
     return rc_exit
 
 
 def cmd_compare(a) -> int:
-    from ets.report.plots import plot_compare
-    from ets.report.table import format_table
-    from ets.runner import Job, write_summary
-    from ets.runs import RunDir, config_hash
+    """Methods x widths x datasets through ets.experiment; the record by ets.report.record."""
+    import shlex
+    import time
+    from dataclasses import replace
+
+    from ets.experiment import parse_method, plan, run_experiment
+    from ets.report import record
+    from ets.report.plots import plot_compare, record_plots
+    from ets.runner import write_summary
+    from ets.runs import config_hash
     from ets.tasks import load_dataset
 
     rc = run_config(a)
-    combos = [(m, w) for m in a.methods for w in a.widths]
-    cfgs = {(m, w): search_config(a, m, w, strict=False) for m, w in combos}
+    methods = [parse_method(s) for s in a.methods]
+
+    def make_cfg(m, w):  # the CLI's flags as `ets run` applies them, then the spec's own parameters
+        cfg = search_config(a, m.strategy, w, strict=False)
+        return replace(cfg, strategy_params={**dict(cfg.strategy_params), **m.params})
+
     given = [k for k in STRATEGY_FLAGS if getattr(a, k) is not None]
-    unused = [k for k in given if not any(k in dict(c.strategy_params) for c in cfgs.values())]
+    unused = [k for k in given if not any(k in dict(make_cfg(m, w).strategy_params) for m in methods
+                                          for w in a.widths)]
     if unused:
         raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in unused)} applies to none of {a.methods}")
-    task, problems = load_dataset(rc.dataset, rc.limit, rc.offset, rc.ids or None, rc.question_field,
-                                  rc.answer_field, rc.id_field)
-    runs = {mw: RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict())
-            for mw, cfg in cfgs.items()}
-    # problem-major: each problem runs every method/width before the next problem starts
-    groups = [[Job(p, cfgs[mw], runs[mw]) for mw in combos] for p in problems]
-    print(f"compare: {len(combos)} configs x {len(problems)} problems under {rc.runs_dir}", file=sys.stderr)
+    rcs = [replace(rc, dataset=d) for d in _csv(rc.dataset)]
+    loaded = [load_dataset(r.dataset, r.limit, r.offset, r.ids or None, r.question_field, r.answer_field, r.id_field)
+              for r in rcs]
+    arms = plan(rcs, loaded, methods, a.widths, make_cfg)
+    n_problems = sum(len(p) for _, p in loaded)
+    print(f"compare: {len(arms)} configs x {n_problems} problems, {rc.concurrency} in flight per chunk, "
+          f"under {rc.runs_dir}", file=sys.stderr)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.perf_counter()
+    failures = []
     try:
-        outcomes = _execute(groups, task, a, rc)
+        failures = _execute(lambda policy, prm: run_experiment(
+            arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
+            log=lambda m: print(m, file=sys.stderr)), a, rc)
     finally:
-        ids = [p.id for p in problems]
-        summaries = [write_summary(runs[mw], ids) for mw in combos]
-    rc_exit = _report_failures(outcomes)
-    key = config_hash({"runs": sorted(r.name for r in runs.values()), "ids": [p.id for p in problems]})
-    plot = plot_compare(summaries, a.plot or Path(rc.runs_dir) / f"compare-{key}.png")
+        for arm in arms:
+            write_summary(arm.run, [p.id for p in arm.problems])
+    rc_exit = _report_failures(failures)
+    shown = [arm for arm in arms if any(arm.run.is_done(p.id) for p in arm.problems)]
+    not_run = [arm.key for arm in arms if arm not in shown]
+    ids = record.common_ids(shown)
+    rows = record.rows(shown, ids)
+    key = config_hash({"runs": sorted(arm.run.name for arm in arms), "ids": [p.id for _, ps in loaded for p in ps]})
+    out = Path(a.out or Path(rc.runs_dir) / f"compare-{key}")
+    meta = {"title": a.title, "command": shlex.join(["ets", *getattr(a, "argv", [])]), "started": started,
+            "wall_s": time.perf_counter() - t0, "machine": record.machine(),
+            "policy": rc.policy, "prm": rc.prm, "embedder": rc.embedder, "dataset": rc.dataset,
+            "problem_ids": ids, "n_requested": n_problems, "not_run": not_run,
+            "settings": {"seed": a.seed, "max_tokens": a.max_tokens, "max_step_tokens": a.max_step_tokens,
+                         "max_depth": a.max_depth, "step_delimiter": step_delimiter(a), "temperature": a.temperature,
+                         "top_p": a.top_p, "kv_capacity": rc.kv_capacity, "in_flight per chunk": rc.concurrency,
+                         "schedule": "chunks of C problems, config order rotating per chunk"},
+            "methods": a.methods, "widths": a.widths, "run_dirs": [str(arm.run.path) for arm in arms]}
+    text = record.write_report(out, rows, meta, a.note)
+    files = [out / f for f in record_plots(rows, out, f"{rc.dataset}, {rc.policy}")] if rows else []
+    plot = plot_compare(rows, a.plot or out / "widths.png") if rows else None
     if a.json:
-        print(json.dumps({"runs": summaries, "plot": str(plot)}, indent=1))
+        print(json.dumps({"rows": rows, "ratios": record.ratios(rows), "out": str(out),
+                          "plot": str(plot) if plot else None}, indent=1, default=str))
     else:
-        print(format_table(summaries, markdown=a.markdown))
-        print(f"\nplot: {plot}\nrun dirs: " + ", ".join(str(runs[mw].path) for mw in combos))
+        print(text[text.index("| method"):] if rows else "(no config finished a problem)")
+        print(f"written: {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(map(str, files)))
+        print(f"plot: {plot}\nrun dirs: " + ", ".join(str(arm.run.path) for arm in arms))
     return rc_exit
 
 
@@ -403,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv or ["run"])
     if a.cmd is None:
         a = parser.parse_args(["run"])
+    a.argv = argv
     verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info}
     from ets.factory import SpecError
     from ets.runs import RunMismatch

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ets.answer import select_from_tree
 from ets.config import SearchConfig
+from ets.measures import counter_delta, run_measures, snapshot, trace_measures
 from ets.runs import RunDir, summarize, versions
 from ets.search import search
 from ets.tasks import Problem, Task
@@ -45,12 +46,18 @@ class Outcome:
     generated: int = 0
     failures: list[Failure] = field(default_factory=list)
     wall_s: float = 0.0
+    ids: list[str] = field(default_factory=list)  # problems computed, in finishing order
 
 
 def hint(exc: BaseException) -> str:
     """What to do about a failure, by its kind."""
     from ets.prm.base import PRMError
 
+    if getattr(exc, "hint", None):  # the error knows its own fix (ets.engines.server.ServerError)
+        return exc.hint
+    if isinstance(exc, OSError) and exc.filename and not isinstance(exc, ConnectionError):
+        return (f"cannot use {exc.filename} ({exc.strerror}): check the permissions and free space "
+                "of the run directory (--runs-dir)")
     if isinstance(exc, PRMError):
         return ("the PRM could not score a step: check that --step-delimiter matches the PRM's step "
                 "tag and that --prm names the right model")
@@ -68,13 +75,14 @@ def problem_record(problem: Problem, task: Task, prompt: str, result, vote: str,
                    policy_name: str, prm_name: str) -> dict:
     """Everything saved for one finished problem (see docs/harness.md)."""
     sel = select_from_tree(result.tree, task, vote, agg)
+    trace = trace_to_list(result.trace)
     return {
         "format": 1, "id": problem.id, "question": problem.question, "prompt": prompt, "gold": problem.gold,
         "meta": problem.meta, "task": task.to_dict(),
         "answer": sel.to_dict(), "correct": task.grade(sel.answer, problem.gold),
         "solutions": len(result.solutions), "kv": result.kv_summary(), "counters": result.counters,
         "policy": policy_name, "prm": prm_name, "finished_at": time.time(),
-        "tree": tree_to_dict(result.tree), "trace": trace_to_list(result.trace),
+        "engine": trace_measures(trace), "tree": tree_to_dict(result.tree), "trace": trace,
     }
 
 
@@ -84,7 +92,13 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
     """Run every job not yet saved; returns an Outcome per run directory name.
 
     `groups`: one list of jobs per problem (run in that order). `embedders`: name -> embedder,
-    shared by every ETS job whose config names it (loaded once)."""
+    shared by every ETS job whose config names it (loaded once).
+
+    Each run directory gets one sessions.jsonl line for this call: the ids computed, wall time,
+    generated tokens, concurrency, and `engine` / `prm`: the policy's and PRM's stats() counter
+    deltas over the call (ets.measures). Those deltas are the whole call's: exact for the run
+    when the call holds one run (`interleaved_runs` 1), shared by all its runs otherwise. Each
+    problem record gets `engine`: what the policy's observe() gave for that problem."""
     from tqdm import tqdm
 
     embedders = embedders if embedders is not None else {}
@@ -111,6 +125,7 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
     bar = tqdm(total=todo, desc="problems", unit="job", file=sys.stderr, disable=not progress or todo == 0,
                dynamic_ncols=True)
     t0 = time.perf_counter()
+    before = (snapshot(policy), snapshot(prm))
 
     async def one(job: Job) -> None:
         out = outcomes[job.run.name]
@@ -123,6 +138,7 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                                     getattr(policy, "name", "?"), getattr(prm, "name", "?"))
             job.run.write_problem(record)
             out.computed += 1
+            out.ids.append(job.problem.id)
             out.generated += result.counters.get("generated_tokens", 0)
             bar.set_postfix_str(f"{job.problem.id}: {'right' if record['correct'] else 'wrong'}", refresh=False)
         except Exception as e:  # noqa: BLE001  (one problem's failure must not lose the others)
@@ -140,13 +156,21 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
             return
         async with sem:
             for job in pending:
-                await one(job)
+                if not job.run.claim(job.problem.id):  # finished meanwhile, or another process has it
+                    outcomes[job.run.name].skipped += 1
+                    bar.update(1)
+                    continue
+                try:
+                    await one(job)
+                finally:
+                    job.run.release(job.problem.id)
 
     try:
         await asyncio.gather(*(problem(jobs) for jobs in groups))
     finally:
         bar.close()
         elapsed = time.perf_counter() - t0
+        engine, prm_delta = counter_delta(snapshot(policy), before[0]), counter_delta(snapshot(prm), before[1])
         for name, out in outcomes.items():
             # one run in this invocation: its wall is the session's; several (compare): the time
             # spent in its own jobs, which is exact at concurrency 1 (documented in the summary)
@@ -154,7 +178,8 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
             runs[name].append_session({"time": time.time(), "computed": out.computed, "skipped": out.skipped,
                                        "failed": len(out.failures), "wall_s": wall,
                                        "generated_tokens": out.generated,
-                                       "concurrency": concurrency, "interleaved_runs": len(outcomes)})
+                                       "concurrency": concurrency, "interleaved_runs": len(outcomes),
+                                       "ids": out.ids, "engine": engine, "prm": prm_delta})
     return outcomes
 
 
@@ -170,7 +195,8 @@ def _embedder(cfg: SearchConfig, embedders: dict):
 
 
 def write_summary(run: RunDir, problem_ids: list[str] | None = None, extra: dict | None = None) -> dict:
-    """Recompute and save run's summary.json from its problem files and sessions."""
+    """Recompute and save run's summary.json from its problem files and sessions (figures of
+    ets.runs.summarize plus the engine/PRM measures of ets.measures.run_measures)."""
     records = list(run.iter_problems())
     if problem_ids is not None:
         wanted = set(problem_ids)
@@ -185,6 +211,7 @@ def write_summary(run: RunDir, problem_ids: list[str] | None = None, extra: dict
                     "prm": ident.get("prm"), "dataset": ident.get("dataset"),
                     "vote": cfg.get("run", {}).get("vote", "weighted"), "agg": cfg.get("run", {}).get("agg", "last"),
                     "versions": versions()})
+    summary.update(run_measures(records, run.sessions()))
     if extra:
         summary.update(extra)
     for k, v in list(summary.items()):

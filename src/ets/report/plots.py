@@ -1,4 +1,5 @@
-"""Plots of comparison runs: accuracy vs width and KV vs width, one line per method."""
+"""Plots of comparison runs: accuracy and KV vs width (one line per method), and the record's
+per-config bars (accuracy, KV, throughput, selection time)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Sequence
 def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
     """Save a PNG with two panels (accuracy vs width; mean and peak KV tokens vs width).
 
-    rows: run summaries with keys strategy, width, accuracy, kv_mean, kv_peak."""
+    rows: run summaries or record rows, with keys strategy (or method: the line's label),
+    width, accuracy, kv_mean, kv_peak."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -18,7 +20,7 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
 
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_method[r["strategy"]].append(r)
+        by_method[r.get("method") or r["strategy"]].append(r)
     fig, (ax_acc, ax_kv) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         rs = sorted(rs, key=lambda r: r["width"])
@@ -46,3 +48,69 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]:
+    """Save accuracy.png (with Wilson intervals), kv.png (tree and measured KV, mean and peak),
+    throughput.png (tok/s, problems/s) and selection.png (ms per step) into `out`, one bar per
+    row of ets.report.record.rows; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [f"{r['method']}\nW={r['width']}" for r in rows]
+    x = list(range(len(rows)))
+    n = max((r["problems"] for r in rows), default=0)
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    acc = [r["accuracy"] for r in rows]
+    err = [[a - r["acc_lo"] for a, r in zip(acc, rows)], [r["acc_hi"] - a for a, r in zip(acc, rows)]]
+    ax.bar(x, acc, color=[f"C{i % 10}" for i in x], alpha=0.8)
+    ax.errorbar(x, acc, yerr=err, fmt="none", ecolor="k", capsize=4)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.set_title(f"accuracy, n={n} problems — {title}", fontsize=9)
+    save(fig, "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    w = 0.2
+    ax.bar([i - 1.5 * w for i in x], [r["kv_mean"] for r in rows], w, label="tree KV mean")
+    ax.bar([i - 0.5 * w for i in x], [r["kv_peak"] for r in rows], w, label="tree KV peak")
+    if any(r["meas_kv_mean"] is not None for r in rows):
+        ax.bar([i + 0.5 * w for i in x], [r["meas_kv_mean"] or 0 for r in rows], w, label="measured KV mean")
+        ax.bar([i + 1.5 * w for i in x], [r["meas_kv_peak"] or 0 for r in rows], w, label="measured KV peak")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("KV tokens")
+    ax.legend(fontsize=8)
+    ax.set_title(f"KV size, n={n} problems — {title}", fontsize=9)
+    save(fig, "kv.png")
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2 * len(rows)), 4))
+    a1.bar(x, [r["tokens_per_s"] or 0 for r in rows], color=[f"C{i % 10}" for i in x])
+    a1.set_ylabel("generated tokens / s")
+    a2.bar(x, [r["problems_per_s"] or 0 for r in rows], color=[f"C{i % 10}" for i in x])
+    a2.set_ylabel("problems / s")
+    for a in (a1, a2):
+        a.set_xticks(x, labels, fontsize=7)
+    inflight = max((r["in_flight"] or 1 for r in rows), default=1)
+    fig.suptitle(f"throughput, {inflight} problem(s) in flight, n={n} — {title}", fontsize=9)
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    ax.bar(x, [r["select_ms_per_step"] for r in rows], color=[f"C{i % 10}" for i in x])
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("selection ms / step")
+    ax.set_title(f"selection overhead — {title}", fontsize=9)
+    save(fig, "selection.png")
+    return files

@@ -1,0 +1,326 @@
+"""The experiment's record: one row per config (method x width [x dataset]), the ETS/REBASE
+ratios, and results.md / results.json (plots: ets.report.plots.record_plots).
+
+Row columns (n = problems every config finished, the same problems in every row):
+  accuracy, acc_lo/acc_hi     fraction right, 95% Wilson score interval
+  paired_diff, paired_lo/hi   accuracy minus REBASE's at the same width on the same problems,
+                              with Newcombe's paired interval (`paired_interval`); None for
+                              REBASE itself or without a REBASE row
+  kv_mean/kv_peak, kv_blocks_*  the tree's KV count (SPEC 3), mean over steps then problems; peak
+  meas_kv_mean/meas_kv_peak   the engine's own KV figure per step (ets.measures.measured_kv)
+  prefill_tokens              prompt tokens the engine computed (embedded: prefill_tokens; server:
+                              prefix-cache queries minus hits)
+  prefix_hit_rate             server prefix-cache hits / queries over the timed chunks
+  problems_per_s, tokens_per_s  problems and generated tokens per second of wall clock over the
+                              timed chunks (`timed_chunks`), with `in_flight` problems at once
+  select_ms_per_step          strategy decision time per selection step (depth >= 1)
+  waves                       embedded engine: decode waves over the timed chunks
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+from ets.measures import add_counters, trace_measures
+from ets.runs import summarize
+
+LEGACY_CHUNK_LOG = "bench_chunks.jsonl"  # written by benchmarks/bench_record.py before ets.experiment
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes out of n ((0, 1) when n == 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def paired_interval(x: list[bool], y: list[bool], z: float = 1.96) -> tuple[float, float, float]:
+    """(difference, lo, hi) of accuracy x minus accuracy y on the SAME problems (x[i], y[i] =
+    problem i right under each method), 95%.
+
+    Newcombe's hybrid score interval for paired proportions (Stat. Med. 17:2635, 1998, method
+    10): Wilson intervals of both accuracies, combined with the phi correlation of the 2x2
+    table (a both right, b only x, c only y, d neither). Unlike the Wald interval of the
+    per-problem differences (mean +- 1.96 sd / sqrt(n)), it does not collapse to zero width when
+    no problem is discordant and it stays inside [-1, 1]."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"paired samples differ in length: {n} != {len(y)}")
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    a = sum(1 for u, v in zip(x, y) if u and v)
+    b = sum(1 for u, v in zip(x, y) if u and not v)
+    c = sum(1 for u, v in zip(x, y) if v and not u)
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson(a + b, n, z)
+    l2, u2 = wilson(a + c, n, z)
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(den) if den else 0.0
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return diff, max(-1.0, diff - delta), min(1.0, diff + eps)
+
+
+def timed_chunks(run, ids: set) -> list[dict]:
+    """The timed units of `run` whose problems are all among `ids`, each {"ids", "failed",
+    "wall_s", "in_flight", "generated_tokens", "engine"}: its sessions.jsonl lines that list their
+    ids (one per `run_jobs` call: one (chunk, config) of an experiment, or one `ets run`), plus,
+    for a run directory made before sessions listed ids, the legacy bench_chunks.jsonl if there
+    is one, else its id-less sessions matched to problems by finishing time (one session covers
+    the next `computed` problems)."""
+    sessions = run.sessions()
+    out = [{"ids": s["ids"], "failed": [], "wall_s": s["wall_s"], "generated_tokens": s.get("generated_tokens", 0),
+            "in_flight": min(s.get("concurrency", 1), len(s["ids"]) + s.get("failed", 0)),
+            "engine": s.get("engine") or {}} for s in sessions if s.get("ids")]
+    legacy = run.path / LEGACY_CHUNK_LOG
+    if legacy.exists():
+        out += [json.loads(line) for line in legacy.read_text().splitlines() if line.strip()]
+    else:
+        covered = {i for c in out for i in c["ids"]}
+        done = sorted((r for r in run.iter_problems() if r["id"] not in covered), key=lambda r: r["finished_at"])
+        i = 0
+        for s in sessions:
+            k = s.get("computed", 0)
+            if "ids" in s or not k:
+                continue
+            chunk = [r["id"] for r in done[i:i + k]]
+            i += k
+            if chunk:
+                out.append({"ids": chunk, "failed": [], "wall_s": s["wall_s"], "generated_tokens":
+                            s.get("generated_tokens", 0), "in_flight": min(s.get("concurrency", 1), k), "engine": {}})
+    return [c for c in out if c["ids"] and set(c["ids"]) <= ids]
+
+
+def common_ids(arms) -> list[str]:
+    """Problems (in order) that every arm has finished: the record compares those only. Arms of
+    different datasets: each dataset's common problems, concatenated."""
+    out = []
+    for a in arms:
+        for p in a.problems:
+            if p.id not in out and all(b.run.is_done(p.id) for b in arms if b.problems is a.problems):
+                out.append(p.id)
+    return out
+
+
+def rows(arms, ids: list[str] | None = None) -> list[dict]:
+    """One row per arm (ets.experiment.Arm) on the problems `ids` (default `common_ids`)."""
+    ids = common_ids(arms) if ids is None else ids
+    out = [_row(a, ids) for a in arms]
+    for r, a in zip(out, arms):
+        base = next((b for b, ba in zip(out, arms) if b["strategy"] == "rebase" and b["width"] == r["width"]
+                     and ba.problems is a.problems), None)
+        if base is None or base is r:
+            continue
+        mine = {p["id"]: p["correct"] for p in r["per_problem"]}
+        theirs = {p["id"]: p["correct"] for p in base["per_problem"]}
+        both = [i for i in mine if i in theirs]
+        diff, lo, hi = paired_interval([mine[i] for i in both], [theirs[i] for i in both])
+        r.update(paired_diff=diff, paired_lo=lo, paired_hi=hi, paired_n=len(both),
+                 paired_only_this=sum(mine[i] and not theirs[i] for i in both),
+                 paired_only_rebase=sum(theirs[i] and not mine[i] for i in both))
+    return out
+
+
+def _row(arm, ids: list[str]) -> dict:
+    wanted = set(ids) & {p.id for p in arm.problems}
+    by_id = {r["id"]: r for r in arm.run.iter_problems() if r["id"] in wanted}
+    recs = [by_id[i] for i in ids if i in by_id]
+    s = summarize(recs, [])
+    n, k = s["problems"], s["correct"]
+    lo, hi = wilson(k, n)
+    chunks = timed_chunks(arm.run, wanted)
+    wall = sum(c["wall_s"] for c in chunks)
+    done = sum(len(c["ids"]) - len(c.get("failed", [])) for c in chunks)
+    eng: dict = {}
+    for c in chunks:
+        add_counters(eng, c.get("engine"))
+    sel = [t for r in recs for t in r["trace"] if t["depth"] >= 1]
+    per = [r.get("engine") or trace_measures(r["trace"]) for r in recs]
+    means = [m["measured_kv_mean"] for m in per if m.get("measured_kv_mean") is not None]
+    peaks = [m["measured_kv_peak"] for m in per if m.get("measured_kv_peak") is not None]
+    hits, queries = eng.get("server_prefix_hits"), eng.get("server_prefix_queries")
+    errors = [e for e in arm.run.errors() if e["id"] in {p.id for p in arm.problems}]
+    return {
+        "method": arm.method.label, "strategy": arm.method.strategy, "width": arm.width,
+        "dataset": arm.dataset or None, "params": arm.method.params, "run_dir": str(arm.run.path),
+        "problems": n, "failed": len(errors), "correct": k, "accuracy": s["accuracy"], "acc_lo": lo, "acc_hi": hi,
+        "paired_diff": None, "paired_lo": None, "paired_hi": None,
+        "kv_mean": s["kv_mean"], "kv_peak": s["kv_peak"], "kv_peak_mean": s["kv_peak_mean"],
+        "kv_blocks_mean": s["kv_blocks_mean"], "kv_blocks_peak": s["kv_blocks_peak"],
+        "meas_kv_mean": sum(means) / len(means) if means else None, "meas_kv_peak": max(peaks) if peaks else None,
+        "generated_tokens": s["generated_tokens"], "wall_s": wall,
+        "problems_per_s": done / wall if wall else None,
+        "tokens_per_s": sum(c["generated_tokens"] for c in chunks) / wall if wall else None,
+        "in_flight": max((c.get("in_flight", 1) for c in chunks), default=None),
+        "select_ms_per_step": 1000 * sum(t["select_s"] for t in sel) / len(sel) if sel else 0.0,
+        "steps_per_problem": len(sel) / n if n else 0.0, "embedder": s.get("embedder"),
+        "throughput_from": f"{len(chunks)} timed chunks",
+        "engine_counters": {k2: v for k2, v in eng.items() if not isinstance(v, float) or math.isfinite(v)},
+        "waves": eng.get("waves"),
+        "prefill_tokens": eng.get("prefill_tokens", eng.get("prefilled_tokens")),
+        "server_prefix_hits": hits, "server_prefix_queries": queries,
+        "prefix_hit_rate": hits / queries if queries else None,
+        "per_problem": [{"id": r["id"], "correct": r["correct"], "kv_mean": r["kv"]["kv_mean"],
+                         "kv_peak": r["kv"]["kv_peak"], "generated_tokens": r["counters"]["generated_tokens"],
+                         "wall_s": r["counters"].get("wall_s"), "steps": len(r["trace"])} for r in recs],
+    }
+
+
+def ratios(rows_: list[dict]) -> list[dict]:
+    """Every ETS variant against REBASE at the same width (and dataset)."""
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    out = []
+    for r in rows_:
+        base = next((b for b in rows_ if b["strategy"] == "rebase" and b["width"] == r["width"]
+                     and b.get("dataset") == r.get("dataset")), None)
+        if r["strategy"] != "ets" or base is None:
+            continue
+        out.append({
+            "ets": r["method"], "width": r["width"], "dataset": r.get("dataset"),
+            "kv_reduction": div(base["kv_mean"], r["kv_mean"]),
+            "kv_peak_reduction": div(base["kv_peak"], r["kv_peak"]),
+            "meas_kv_reduction": div(base["meas_kv_mean"], r["meas_kv_mean"]),
+            "throughput_ratio": div(r["tokens_per_s"], base["tokens_per_s"]),
+            "problems_per_s_ratio": div(r["problems_per_s"], base["problems_per_s"]),
+            "acc_diff_points": 100 * (r["accuracy"] - base["accuracy"]),
+            "paired": [r["paired_diff"], r["paired_lo"], r["paired_hi"]],
+            "ets_acc": [r["accuracy"], r["acc_lo"], r["acc_hi"]],
+            "rebase_acc": [base["accuracy"], base["acc_lo"], base["acc_hi"]],
+            "n": min(r["problems"], base["problems"]),
+        })
+    return out
+
+
+def _f(v, fmt: str) -> str:
+    if v is None:
+        return "-"
+    try:
+        return fmt.format(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def table(rows_: list[dict]) -> str:
+    """The markdown table; engine columns (measured KV, prefill, hit rate, waves) only where some
+    row has them."""
+    has = {k: any(r.get(k) is not None for r in rows_)
+           for k in ("meas_kv_mean", "prefill_tokens", "prefix_hit_rate", "paired_diff", "dataset")}
+    has_waves = any(r.get("waves") for r in rows_)
+    head = ["method", "W"] + (["data"] if has["dataset"] else []) + ["n", "acc [95% CI]"]
+    head += ["vs REBASE [95% CI]"] if has["paired_diff"] else []
+    head += ["KV mean", "KV peak", "blocks mean", "blocks peak"]
+    head += ["meas KV mean", "meas KV peak"] if has["meas_kv_mean"] else []
+    head += ["prefill tok"] if has["prefill_tokens"] else []
+    head += ["prefix hit"] if has["prefix_hit_rate"] else []
+    head += ["gen tok/prob", "prob/s", "tok/s", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows_:
+        cells = [r["method"], str(r["width"])] + ([r.get("dataset") or "-"] if has["dataset"] else [])
+        cells += [str(r["problems"]), f"{r['accuracy']:.3f} [{r['acc_lo']:.2f}, {r['acc_hi']:.2f}]"]
+        if has["paired_diff"]:
+            cells.append("-" if r.get("paired_diff") is None else
+                         f"{100 * r['paired_diff']:+.1f} [{100 * r['paired_lo']:+.0f}, {100 * r['paired_hi']:+.0f}]")
+        cells += [_f(r["kv_mean"], "{:.0f}"), _f(r["kv_peak"], "{}"), _f(r["kv_blocks_mean"], "{:.1f}"),
+                  _f(r["kv_blocks_peak"], "{}")]
+        if has["meas_kv_mean"]:
+            cells += [_f(r["meas_kv_mean"], "{:.0f}"), _f(r["meas_kv_peak"], "{:.0f}")]
+        if has["prefill_tokens"]:
+            cells.append(_f(r.get("prefill_tokens"), "{:.0f}"))
+        if has["prefix_hit_rate"]:
+            cells.append(_f(r.get("prefix_hit_rate"), "{:.3f}"))
+        cells += [_f(r["generated_tokens"] / r["problems"] if r["problems"] else None, "{:.0f}"),
+                  _f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _f(r["in_flight"], "{}"),
+                  _f(r["select_ms_per_step"], "{:.1f}")]
+        if has_waves:
+            cells.append(_f(r.get("waves"), "{}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_lines(rats: list[dict]) -> list[str]:
+    """One markdown bullet per ETS/REBASE pair, against the paper's targets (KV >= 1.8x,
+    throughput >= 1.4x, accuracy within 1 point)."""
+    lines = []
+    for q in rats:
+        e, b, p = q["ets_acc"], q["rebase_acc"], q["paired"]
+        ok_kv = q["kv_reduction"] is not None and q["kv_reduction"] >= 1.8
+        ok_tp = q["throughput_ratio"] is not None and q["throughput_ratio"] >= 1.4
+        paired = (f" = {100 * p[0]:+.1f} points, paired 95% interval [{100 * p[1]:+.1f}, {100 * p[2]:+.1f}]"
+                  if p[0] is not None else f" = {q['acc_diff_points']:+.1f} points")
+        lines.append(
+            f"- **{q['ets']} vs rebase, W={q['width']}**{' ' + q['dataset'] if q.get('dataset') else ''} (n={q['n']}): "
+            f"KV reduction (tree mean) **{_f(q['kv_reduction'], '{:.2f}')}x** "
+            f"[target 1.8x: {'met' if ok_kv else 'missed'}], peak {_f(q['kv_peak_reduction'], '{:.2f}')}x"
+            + (f", measured {_f(q['meas_kv_reduction'], '{:.2f}')}x" if q["meas_kv_reduction"] is not None else "")
+            + f"; throughput ratio (tok/s) **{_f(q['throughput_ratio'], '{:.2f}')}x** "
+            f"[target 1.4x: {'met' if ok_tp else 'missed'}], problems/s {_f(q['problems_per_s_ratio'], '{:.2f}')}x; "
+            f"accuracy {100 * e[0]:.1f}% [{100 * e[1]:.0f}, {100 * e[2]:.0f}] vs {100 * b[0]:.1f}% "
+            f"[{100 * b[1]:.0f}, {100 * b[2]:.0f}]" + paired)
+    return lines
+
+
+def machine() -> dict:
+    """Where it ran: platform, CPUs, CPU model, load average, torch and its device."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        info["load_avg"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["device"] = ("cuda: " + torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        info["device"] = "cpu (no torch)"
+    return info
+
+
+def write_report(out: Path, rows_: list[dict], meta: dict, extra_md: str = "") -> str:
+    """Write out/results.md (header from `meta`, the table, the ratios) and out/results.json
+    ({"meta", "rows", "ratios"}); returns the markdown. `meta` keys used: title, command,
+    machine, started, wall_s, policy, prm, embedder, dataset, problem_ids, n_requested, settings
+    (a dict printed as key value pairs), not_run."""
+    rats = ratios(rows_)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = meta.get("machine", {})
+    settings = "; ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in meta.get("settings", {}).items())
+    md = [f"# {meta.get('title', 'Comparison')}", "",
+          f"- command: `{meta.get('command', '')}`",
+          f"- machine: {m.get('cpu_model') or m.get('processor')}, {m.get('cpus')} CPUs, device {m.get('device')}, "
+          f"torch {m.get('torch')} ({m.get('torch_threads')} threads), {m.get('platform')}; load average {m.get('load_avg')}",
+          f"- started {meta.get('started')}, wall {meta.get('wall_s', 0):.0f} s; policy {meta.get('policy')}, "
+          f"PRM {meta.get('prm')}, embedder {meta.get('embedder')}",
+          f"- data: {meta.get('dataset')} problems {', '.join(meta.get('problem_ids', []))} "
+          f"(n={len(meta.get('problem_ids', []))} of {meta.get('n_requested')} requested)",
+          f"- settings: {settings}",
+          "", table(rows_), "", "## ETS / REBASE", ""] + (ratio_lines(rats) or ["(no ETS + REBASE pair)"])
+    if meta.get("not_run"):
+        md += ["", f"Not reported (no problem finished): {', '.join(meta['not_run'])}."]
+    if extra_md:
+        md += ["", extra_md]
+    text = "\n".join(md) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows_, "ratios": rats}, indent=1,
+                                                 default=str) + "\n")
+    return text
