@@ -1,8 +1,9 @@
 """Accuracy against KV: the ETS frontier over lambda_c, lambda_s, token cost and KV budget,
 with REBASE and the other baselines as reference points (one point per setting).
 
-All settings run on the same problems, model, engine and seed, interleaved problem-major (the
-machinery of bench_record.py: ets.runner.run_jobs over one run directory per setting).
+All settings run through `ets compare` (ets.experiment: the same problems, model, engine and
+seed, interleaved in chunks; one run directory per setting); every argument not listed here
+goes to it (via bench_record.py, so --threads and --start-vllm work too).
 
     # the default model (embedded engine), a small sweep
     python benchmarks/bench_frontier.py --problems 8 --widths 8 --max-tokens 256 \
@@ -19,22 +20,22 @@ Settings swept (each an `ets[:k=v/...]` method spec as in bench_record.py):
   ets:kv_budget=B                for B in --kv-budgets (hard cap on kept KV tokens, lambda_c default)
   plus --baselines (default rebase,beam,dvts,best_of_n)
 
-Writes into --out: frontier.png (accuracy with its 95% Wilson interval against mean tree KV
-tokens, one point per setting, the non-dominated points joined), frontier.md (table + ratios
-against REBASE), frontier.json.
+Writes into --out: what `ets compare --out` writes (results.md with the paired differences to
+REBASE, results.json, PNGs), frontier.png (accuracy with its 95% Wilson interval against mean
+tree KV tokens, one point per setting, the non-dominated points joined) and frontier.md
+(results.md plus the non-dominated settings).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_record import _f, add_common_args, prepare_args, run_all, table  # noqa: E402
+import bench_record  # noqa: E402  (ets compare, with its --threads and --start-vllm conveniences)
 
 
 def _floats(s: str) -> list[str]:
@@ -117,46 +118,22 @@ def main(argv=None) -> int:
     ap.add_argument("--token-cost", default="1,2", help="lambda_c values with node_cost=tokens ('' = none)")
     ap.add_argument("--kv-budgets", default="", help="ETS kv_budget values in tokens ('' = none)")
     ap.add_argument("--title", default="ETS frontier")
-    add_common_args(ap)
-    args = ap.parse_args(argv)
-    prepare_args(args)
-    specs = settings(args)
-    rows, meta = asyncio.run(run_all(args, specs))
-    meta["title"] = args.title
+    ap.add_argument("--out", required=True, help="output folder (results.*, frontier.png, frontier.md)")
+    args, rest = ap.parse_known_args(argv)
+    code = bench_record.main(["--methods", ",".join(settings(args)), "--title", args.title, "--out", args.out, *rest])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{meta['dataset']}, {meta['engine']}, {meta['policy']}"
-    plot_frontier(rows, out / "frontier.png", title)
-    base = {r["width"]: r for r in rows if r["strategy"] == "rebase"}
-    m = meta["machine"]
-    lines = [f"# {args.title}", "", f"- command: `{meta['command']}`",
-             f"- machine: {m.get('cpu_model', m.get('processor'))}, {m.get('cpus')} CPUs, device {m.get('device')}; "
-             f"load average at start {m.get('load_avg_start')}",
-             f"- started {meta['started']}, wall {meta['wall_s']:.0f} s; engine {meta['engine']} (policy "
-             f"{meta['policy']}, PRM {meta['prm']}, embedder {meta['embedder']}); {meta['dataset']} problems "
-             f"{', '.join(meta['problem_ids'])} (n={meta['n_problems']} of {meta['n_requested']} requested); seed {meta['seed']}; max_tokens "
-             f"{meta['max_tokens']}, max_step_tokens {meta['max_step_tokens']}; kv_capacity {meta['kv_capacity']}",
-             ] + (["", args.note] if args.note else []) + ["", table(rows), "", "## Against REBASE (same width)", "",
-             "| setting | W | KV reduction (REBASE mean / mean) | tok/s ratio | acc diff (points) |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        b = base.get(r["width"])
-        if b is None or r is b:
-            continue
-        lines.append(f"| {r['method']} | {r['width']} | {_f(b['kv_mean'] / r['kv_mean'] if r['kv_mean'] else None, '{:.2f}')}x"
-                     f" | {_f(r['tokens_per_s'] / b['tokens_per_s'] if b['tokens_per_s'] else None, '{:.2f}')}x"
-                     f" | {100 * (r['accuracy'] - b['accuracy']):+.1f} |")
+    if not (out / "results.json").exists():
+        return code
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    if not rows:
+        return code
+    plot_frontier(rows, out / "frontier.png", args.title)
     front = pareto([(r["kv_mean"], r["accuracy"]) for r in rows])
-    if meta.get("not_run"):
-        lines += ["", f"Not run before the deadline (no problem finished): {', '.join(meta['not_run'])}."]
-    lines += ["", "Non-dominated (accuracy vs mean KV): " + ", ".join(f"{rows[i]['method']} W{rows[i]['width']}"
-                                                                      for i in front), "", "![frontier](frontier.png)"]
-    text = "\n".join(lines) + "\n"
+    text = ((out / "results.md").read_text() + "\nNon-dominated (accuracy vs mean KV): "
+            + ", ".join(f"{rows[i]['method']} W{rows[i]['width']}" for i in front) + "\n\n![frontier](frontier.png)\n")
     (out / "frontier.md").write_text(text)
-    (out / "frontier.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
-    print("\n" + text)
-    print(f"written: {out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.json'}")
-    return 1 if any(r["failed"] for r in rows) else 0
+    print(f"written: {out / 'frontier.md'}, {out / 'frontier.png'}")
+    return code
 
 
 if __name__ == "__main__":
