@@ -91,7 +91,10 @@ def test_kv_capacity_reaches_the_embedded_engine_and_the_run_name(tmp_path, toy,
     seen = []
     real = f.make_policy
     monkeypatch.setattr(f, "make_policy", lambda spec, **opts: seen.append(opts) or real("mock", **opts))
-    base = ["run", "--policy", "/models/m", "--prm", "mock", "--embedder", "hash", "--no-progress", *toy, "--limit", "1"]
+    model = tmp_path / "m"  # a model folder as far as the CLI's checks go (loading is faked)
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    base = ["run", "--policy", str(model), "--prm", "mock", "--embedder", "hash", "--no-progress", *toy, "--limit", "1"]
     assert cli.main(base) == 0
     assert cli.main([*base, "--kv-capacity", "3000"]) == 0
     assert "kv_capacity" not in seen[0] and seen[1]["kv_capacity"] == 3000

@@ -104,7 +104,12 @@ def test_missing_step_score_is_an_error(stand_in):
         _score(ServedPRM(srv.url), [ScoreRequest("q", b)])
 
 
-def test_server_errors_become_prm_errors(stand_in):
+def test_server_errors_stay_server_errors_with_the_prm_fix(stand_in):
+    """A PRM server that cannot answer is a server problem, not a PRM/step-tag one: the error is
+    a ServerError (not PRMError) and its hint names the PRM server and --prm."""
+    from ets.engines.server import ServerError
+    from ets.runner import hint
+
     calls = []
 
     def handler(method, path, body):
@@ -113,9 +118,10 @@ def test_server_errors_become_prm_errors(stand_in):
 
     srv = stand_in(handler)
     _, a, _, _ = _tree()
-    with pytest.raises(PRMError, match="failed after 2 tries"):
+    with pytest.raises(ServerError, match="failed after 2 tries") as err:
         _score(ServedPRM(srv.url, retries=1, backoff_s=0.01), [ScoreRequest("q", a)])
-    assert len(calls) == 2
+    assert not isinstance(err.value, PRMError) and len(calls) == 2
+    assert "--prm URL" in hint(err.value) and "step-delimiter" not in hint(err.value)
 
 
 def test_step_score_shapes():

@@ -9,7 +9,7 @@ import pytest
 
 from ets.config import SamplingConfig, SearchConfig
 from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion
-from ets.engines.server import ServerError, ServerPolicy, split_urls
+from ets.engines.server import ServerDown, ServerError, ServerPolicy, split_urls
 from ets.engines.server_metrics import parse_prometheus, snapshot
 from ets.prm.mock import MockPRM
 from ets.search import SearchResult, search
@@ -151,10 +151,11 @@ def test_server_down_gives_clear_error(stand_in):
     url = srv.url
     srv.close()  # nothing listens there any more
     policy = ServerPolicy(url, model="m", retries=2, backoff_s=0.01, measure=False)
-    with pytest.raises(ServerError) as err:
+    with pytest.raises(ServerDown) as err:
         _expand(policy, [Expansion(Tree([1], "p").root, 1)])
     msg = str(err.value)
-    assert url in msg and "3 tries" in msg and "ets serve" in msg
+    assert url in msg and "is down" in msg and "ConnectError" in msg and "ets serve" in msg
+    assert policy.servers[0].down
 
 
 def _search_many(policy, questions, cfg):

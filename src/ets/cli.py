@@ -16,6 +16,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ets.checks import BadInput, Parser, finite, safe, seconds, validate_run_args
+
 # strategy parameters exposed as flags: (flag dest, strategy-config field)
 STRATEGY_FLAGS = ["lambda_c", "lambda_s", "node_cost", "kv_budget", "softmax_temperature",
                   "cluster_threshold", "solver", "overshoot"]
@@ -55,22 +57,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-delimiter", type=parse_delimiter, default=None,
                    help="step delimiter (default: '\\n' for the default model, which ends its steps with one "
                         "newline; '\\n\\n' as the spec for any other policy)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=finite, default=1.0)
+    g.add_argument("--top-p", type=finite, default=1.0)
     g.add_argument("--kv-block-size", type=int, default=16)
     g = p.add_argument_group("strategy parameters (only those the strategy has)")
-    g.add_argument("--lambda-c", type=float, default=None, help="ETS node-cost weight (default 1.0)")
-    g.add_argument("--lambda-s", type=float, default=None, help="ETS coverage weight (default: paper value for the width)")
+    g.add_argument("--lambda-c", type=finite, default=None, help="ETS node-cost weight (default 1.0)")
+    g.add_argument("--lambda-s", type=finite, default=None, help="ETS coverage weight (default: paper value for the width)")
     g.add_argument("--node-cost", choices=["nodes", "tokens"], default=None, help="ETS node cost (default nodes)")
     g.add_argument("--kv-budget", type=int, default=None, help="ETS hard cap on kept KV tokens")
-    g.add_argument("--softmax-temperature", type=float, default=None, help="REBASE/ETS temperature (default 0.2)")
-    g.add_argument("--cluster-threshold", type=float, default=None, help="ETS clustering cut (default 0.05)")
+    g.add_argument("--softmax-temperature", type=finite, default=None, help="REBASE/ETS temperature (default 0.2)")
+    g.add_argument("--cluster-threshold", type=finite, default=None, help="ETS clustering cut (default 0.05)")
     g.add_argument("--solver", choices=["auto", "exact", "milp"], default=None)
     g.add_argument("--overshoot", action="store_true", default=None, help="beam: allow overshooting the width")
     g = p.add_argument_group("run")
     g.add_argument("--concurrency", type=int, default=1,
                    help="problems in flight at once (default 1; compare: the chunk size C)")
     g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    g.add_argument("--request-timeout", type=seconds, default=None, metavar="S",
+                   help="seconds one server request may take (default: 120 + 1 per token asked for)")
     g.add_argument("--vote", choices=["weighted", "majority", "best"], default="weighted")
     g.add_argument("--agg", choices=["last", "min", "prod", "mean"], default="last")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -78,7 +82,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
+    p = Parser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
     sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve}")
     r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 2 GSM8K problems, "
                                    "256 tokens per trajectory: the few-minute CPU job)")
@@ -172,8 +176,11 @@ def _models(a, rc):
         opts["device"] = a.device
     if rc.kv_capacity is not None:
         opts["kv_capacity"] = rc.kv_capacity
+    timeout = getattr(a, "request_timeout", None)
+    if timeout is not None:
+        opts["timeout_s"] = timeout
     policy = make_policy(rc.policy, **opts)
-    prm = make_prm(rc.prm, policy, seed=a.seed)
+    prm = make_prm(rc.prm, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
     return policy, prm
 
 
@@ -183,9 +190,12 @@ async def _close(*objs) -> None:
             await o.aclose()
 
 
-def _execute(work, a, rc):
+def _execute(work, a, rc, models=None):
     """Build the models, await work(policy, prm), close the models; returns its result."""
-    policy, prm = _models(a, rc)
+    from ets.engines.base import STOP
+
+    policy, prm = models if models is not None else _models(a, rc)  # models: (policy, prm) built already
+    STOP.clear()
 
     terminated = []
 
@@ -194,7 +204,13 @@ def _execute(work, a, rc):
         # on an await, never mid-statement (a KeyboardInterrupt raised inside an exec'd string,
         # e.g. a dataclass being built, makes CPython exit by SIGINT whatever main returns).
         me, loop = asyncio.current_task(), asyncio.get_running_loop()
-        watching = _watch_sigterm(loop, lambda: (terminated.append(True), me.cancel()))
+
+        def stop():  # from the signal handler: also ends a long synchronous decode (STOP)
+            STOP.set()
+            terminated.append(True)
+            loop.call_soon_threadsafe(me.cancel)
+
+        watching = _watch_sigterm(stop)
         try:
             return await work(policy, prm)
         except asyncio.CancelledError:
@@ -204,8 +220,7 @@ def _execute(work, a, rc):
         except KeyboardInterrupt:  # SIGTERM before the loop handler was in place
             return None
         finally:
-            if watching:  # removing leaves SIG_DFL: put the raising handler back for the summary
-                loop.remove_signal_handler(signal.SIGTERM)
+            if watching:  # put the raising handler back for the summary
                 _sigterm_as_interrupt()
             await _close(policy, prm)
 
@@ -229,8 +244,15 @@ def _fmt_summary(s: dict) -> str:
 
 
 def _report_failures(failures) -> int:
+    # failures because every server is down share one cause: one message for all of them
+    down = [f for f in failures if "ServerDown:" in f.message]
     for f in failures:
-        print(f"error: {f.message}", file=sys.stderr)
+        if f not in down:
+            print(f"error: {f.message}", file=sys.stderr)
+    if down:
+        why = down[0].message.split("ServerDown:", 1)[1].split("\n", 1)[0].strip()
+        print(f"error: {why}\n  {len(down)} problem(s) not finished because of it: "
+              f"{', '.join(f.problem_id for f in down[:5])}{' ...' if len(down) > 5 else ''}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} problem(s) failed; the others are saved. Run the same command again to "
               "retry only the missing ones.", file=sys.stderr)
@@ -246,17 +268,25 @@ def cmd_run(a) -> int:
 
     rc = run_config(a)
     cfg = search_config(a, a.strategy, a.width, strict=True)
+    validate_run_args(a)
     task, problems = load_dataset(rc.dataset, rc.limit, rc.offset, rc.ids or None, rc.question_field,
                                   rc.answer_field, rc.id_field)
+    if not problems:
+        raise BadInput(f"--offset {rc.offset}: no problems left to run in {rc.dataset}; lower --offset")
+    models = _models(a, rc)  # before the run directory exists: a model that cannot load leaves nothing
     run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
     print(f"run directory: {run.path}  ({len(problems)} problems, "
           f"{sum(run.is_done(p.id) for p in problems)} already done)", file=sys.stderr)
     try:
         groups = [[Job(p, cfg, run)] for p in problems]
         outcomes = _execute(lambda policy, prm: run_jobs(groups, task, policy, prm, concurrency=rc.concurrency,
-                                                         vote=rc.vote, agg=rc.agg, progress=not a.no_progress), a, rc)
+                                                         vote=rc.vote, agg=rc.agg, progress=not a.no_progress), a, rc, models=models)
     finally:
         summary = write_summary(run, [p.id for p in problems])
+    if run.claimed_elsewhere:
+        holders = sorted({f"pid {h.get('pid')} on {h.get('host')}" for h in run.claimed_elsewhere.values()})
+        print(f"note: {len(run.claimed_elsewhere)} problem(s) were being computed by another process "
+              f"({', '.join(holders)}) and were left to it", file=sys.stderr)
     rc_exit = _report_failures([f for o in outcomes.values() for f in o.failures])
     print(json.dumps(summary, indent=1) if a.json else _fmt_summary(summary))
     return rc_exit
@@ -375,11 +405,12 @@ def cmd_view(a) -> int:
 
     run = RunDir(a.run_dir)
     run.config()  # a clear error when it is not a run directory
+    if a.output is not None and Path(a.output).is_dir():
+        raise BadInput(f"-o {a.output}: is a directory; give an HTML file name (e.g. {Path(a.output) / 'tree.html'})")
     if a.problem is None:
-        first = next(iter(sorted((run.path / "problems").glob("*.json"))), None)
-        if first is None:
+        record = next(run.iter_problems(), None)  # unreadable files are skipped with a warning
+        if record is None:
             raise ValueError(f"{run.path} has no finished problem yet")
-        record = json.loads(first.read_text())
     else:
         record = run.load_problem(a.problem)
     out = Path(a.output or f"tree-{safe_name(record['id'])}.html")
@@ -448,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     a.argv = argv
     verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info}
     from ets.factory import SpecError
+    from ets.models import ModelNotFound
     from ets.runs import RunMismatch
     from ets.tasks import DatasetError
 
@@ -457,20 +489,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished problems are saved; run the same command again to resume.", file=sys.stderr)
         return 130
-    except (DatasetError, SpecError, RunMismatch, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DatasetError, SpecError, RunMismatch, ValueError, KeyError, ModelNotFound) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {safe(msg)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or directory that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check that the path exists and is writable", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _watch_sigterm(loop, callback) -> bool:
-    """Route SIGTERM to callback inside the event loop; False where the loop cannot (not the main thread)."""
+def _watch_sigterm(callback) -> bool:
+    """Route SIGTERM to `callback`, called from a plain signal handler: it runs even while the
+    event loop is blocked in a long synchronous step (an embedded-engine decode), so it only
+    sets flags and wakes the loop. False where it cannot be installed (not the main thread)."""
     try:
-        loop.add_signal_handler(signal.SIGTERM, callback)
+        signal.signal(signal.SIGTERM, lambda signum, frame: callback())
         return True
-    except (ValueError, RuntimeError, NotImplementedError):
+    except ValueError:
         return False
 
 

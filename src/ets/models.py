@@ -56,8 +56,8 @@ def load_gguf(gguf: Path | str):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = Path(gguf)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     if hasattr(config, "quantization_config"):  # the weights come out dequantized
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)

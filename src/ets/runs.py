@@ -6,6 +6,7 @@ Layout (see docs/harness.md):
       config.json            # {"name", "hash", "identity": {...}, "run": {...}}; hash = sha256(identity)[:8]
       problems/<id>.json     # one finished problem: tree, trace, counters, KV, answer, correct
       errors/<id>.json       # the last failure of a problem not finished (removed once it finishes)
+      claims/<id>.claim      # a problem being computed now: {"pid", "host", "start", "time"}
       sessions.jsonl         # one line per invocation: wall time, problems computed, in flight
       summary.json           # accuracy, KV, tokens, throughput, versions (rewritten each session)
 
@@ -17,6 +18,14 @@ Invariants:
 - A problem file exists only when that problem is finished: it is written once, atomically
   (tmp file + os.replace), so a crash at any moment leaves either the whole file or none.
 - A resumed run never recomputes a problem whose file exists.
+- Two processes never compute the same problem: a problem is claimed (claims/<id>.claim,
+  created with O_EXCL) before it starts and released after; a claim whose process is dead
+  (same host: no such pid, or another process now has that pid) is taken over, and so is a claim
+  of another host older than CLAIM_STALE_S (no liveness check across machines).
+- config.json is written once, when the directory is made; it is never rewritten.
+- A problem file that cannot be read (corrupt) is moved aside (renamed *.corrupt-<time>) by
+  `prepare`, so `ets run` recomputes it; readers (`iter_problems`) skip it with a warning.
+- Files are created with the process umask (like any `open`), not mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -25,21 +34,51 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 FORMAT = 1
+CLAIM_STALE_S = 6 * 3600  # a claim of another host older than this is taken over
+MAX_NAME = 200  # longest problem file stem (file systems allow 255 bytes)
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+class RunFileError(ValueError):
+    """A run file (config.json, a problem file) that cannot be read; the message names it."""
+
+
+def read_json(path: Path):
+    """The JSON in `path`; RunFileError naming the file when it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{path}: not valid JSON ({e}); move it away or delete it") from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a
+    part. The file gets the permissions `open` would give it (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -77,8 +116,8 @@ def safe_name(problem_id: str) -> str:
     """A file name for a problem id; ids with other characters get a hash suffix so that two
     ids never share a file."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", problem_id)
-    if safe != problem_id or safe.startswith("."):
-        safe = f"{safe.lstrip('.')}-{hashlib.sha1(problem_id.encode()).hexdigest()[:8]}"
+    if safe != problem_id or safe.startswith(".") or len(safe) > MAX_NAME:
+        safe = f"{safe.lstrip('.')[:MAX_NAME]}-{hashlib.sha1(problem_id.encode()).hexdigest()[:8]}"
     return safe
 
 
@@ -89,6 +128,7 @@ class RunMismatch(RuntimeError):
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.claimed_elsewhere: dict[str, dict] = {}  # problem id -> the live claim that kept us off
 
     @property
     def name(self) -> str:
@@ -103,12 +143,14 @@ class RunDir:
         rd = cls(resume if resume is not None else Path(root) / run_name(identity))
         cfg_path = rd.path / "config.json"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            old = rd.config()
             if old.get("hash") != h:
                 diff = _diff(old.get("identity", {}), json.loads(json.dumps(identity, default=_jsonable)))
                 raise RunMismatch(f"{rd.path} was made with another configuration (hash {old.get('hash')} "
                                   f"!= {h}); differing: {diff}. Resume it with its own flags, or drop --resume "
                                   "to start a new run directory.")
+            rd.quarantine_corrupt()
+            return rd  # written once, when made: never rewritten
         elif resume is not None and rd.path.exists() and any(rd.path.iterdir()):
             raise RunMismatch(f"{rd.path} is not a run directory (no config.json)")
         atomic_write_json(cfg_path, {"format": FORMAT, "name": rd.name, "hash": h, "identity": identity,
@@ -116,10 +158,39 @@ class RunDir:
         return rd
 
     def config(self) -> dict:
+        """config.json, checked for the shape every reader relies on; FileNotFoundError when
+        absent, RunFileError naming the file when unreadable or of the wrong shape."""
         p = self.path / "config.json"
-        if not p.exists():
+        if not p.is_file():
             raise FileNotFoundError(f"{self.path} is not a run directory (no config.json)")
-        return json.loads(p.read_text())
+        cfg = read_json(p)
+        search = cfg.get("identity", {}).get("search") if isinstance(cfg, dict) and isinstance(
+            cfg.get("identity"), dict) else None
+        if not isinstance(search, dict) or not isinstance(search.get("strategy"), str) or "width" not in search \
+                or not isinstance(cfg.get("hash"), str):
+            raise RunFileError(f"{p}: not an ets run config (expected {{\"hash\", \"identity\": {{\"search\": "
+                               "{\"strategy\", \"width\", ...}}}}); is this a run directory?")
+        return cfg
+
+    def quarantine_corrupt(self) -> list[Path]:
+        """Move every unreadable problem file aside (renamed <file>.corrupt-<time>, kept) so the
+        problem runs again; returns the new paths. A warning names each."""
+        moved = []
+        d = self.path / "problems"
+        for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                rec = read_json(p)
+                if not isinstance(rec, dict) or "id" not in rec or "tree" not in rec:
+                    raise RunFileError(f"{p}: not a problem record")
+            except (RunFileError, OSError) as e:
+                new = p.with_name(f"{p.name}.corrupt-{int(time.time())}")
+                try:
+                    os.replace(p, new)
+                except OSError:
+                    continue  # read-only: readers skip it anyway
+                warn(f"{e}: moved aside to {new.name}; the problem will be computed again")
+                moved.append(new)
+        return moved
 
     # -- problems -------------------------------------------------------------------------------
     def problem_path(self, problem_id: str) -> Path:
@@ -135,18 +206,68 @@ class RunDir:
             err.unlink()
 
     def load_problem(self, problem_id: str) -> dict:
+        """The record of a finished problem: KeyError when there is none, RunFileError naming
+        the file when it cannot be read."""
         p = self.problem_path(problem_id)
         if not p.exists():
             ids = [r["id"] for r in self.iter_problems()][:5]
             raise KeyError(f"no finished problem {problem_id!r} in {self.path} (some ids: {ids})")
-        return json.loads(p.read_text())
+        return read_json(p)
 
     def iter_problems(self) -> Iterator[dict]:
-        """Finished problems, in file-name order."""
+        """Finished problems, in file-name order; an unreadable file is skipped with a warning
+        that names it."""
         d = self.path / "problems"
         if d.exists():
             for p in sorted(d.glob("*.json")):
-                yield json.loads(p.read_text())
+                try:
+                    rec = read_json(p)
+                except (RunFileError, OSError) as e:
+                    warn(f"skipped {e}")
+                    continue
+                if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or "tree" not in rec:
+                    warn(f"skipped {p}: not a problem record")
+                    continue
+                yield rec
+
+    # -- claims ---------------------------------------------------------------------------------
+    def claim_path(self, problem_id: str) -> Path:
+        return self.path / "claims" / f"{safe_name(problem_id)}.claim"
+
+    def claim(self, problem_id: str) -> bool:
+        """Claim `problem_id` for this process. False when it is finished, or claimed by a live
+        process (recorded in `claimed_elsewhere`). A stale claim (see the module docstring) is
+        taken over; the takeover itself is serialised by an O_EXCL lock file."""
+        path = self.claim_path(problem_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if _create_exclusive(path, json.dumps(_me())):
+                if self.is_done(problem_id):  # finished by another process before we claimed
+                    self.release(problem_id)
+                    return False
+                return True
+            holder = _read_claim(path)
+            if holder is not None and not _stale(holder, path):
+                self.claimed_elsewhere[problem_id] = holder
+                return False
+            lock = path.with_name(path.name + ".takeover")
+            if _create_exclusive(lock, json.dumps(_me())):
+                try:
+                    if _read_claim(path) == holder:  # still the stale one: remove it
+                        path.unlink(missing_ok=True)
+                finally:
+                    lock.unlink(missing_ok=True)
+            else:
+                _drop_if_old(lock, 60.0)  # a taker-over that died mid-takeover
+                time.sleep(0.05)
+        return False
+
+    def release(self, problem_id: str) -> None:
+        """Drop this process's claim on `problem_id` (another process's claim is left alone)."""
+        path = self.claim_path(problem_id)
+        holder = _read_claim(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            path.unlink(missing_ok=True)
 
     # -- errors and sessions --------------------------------------------------------------------
     def error_path(self, problem_id: str) -> Path:
@@ -156,8 +277,17 @@ class RunDir:
         atomic_write_json(self.error_path(problem_id), {"id": problem_id, "error": message, "time": time.time()})
 
     def errors(self) -> list[dict]:
+        """Recorded failures; an unreadable error file is skipped."""
         d = self.path / "errors"
-        return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+        out = []
+        for p in sorted(d.glob("*.json")) if d.exists() else []:
+            try:
+                rec = read_json(p)
+            except (RunFileError, OSError):
+                continue
+            if isinstance(rec, dict) and "id" in rec:
+                out.append(rec)
+        return out
 
     def append_session(self, session: dict) -> None:
         # one short line per invocation; a torn last line (crash mid-append) is skipped on reading
@@ -179,6 +309,71 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of process `pid` (Linux /proc; None elsewhere or when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+            "time": time.time()}
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists (atomic: O_CREAT | O_EXCL)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def _read_claim(path: Path) -> dict | None:
+    """A claim's content; {} for an unreadable one (being written, or torn); None when absent."""
+    try:
+        obj = json.loads(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(holder: dict, path: Path) -> bool:
+    """Whether a claim's process is gone (see the module docstring)."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        if pid == os.getpid():
+            return False
+        start = _proc_start(pid)
+        if start is None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            return False
+        return holder.get("start") is not None and start != holder["start"]  # pid reused
+    try:  # another host, or a torn claim: by age only
+        return time.time() - path.stat().st_mtime > (CLAIM_STALE_S if holder else 60.0)
+    except FileNotFoundError:
+        return True
+
+
+def _drop_if_old(path: Path, age_s: float) -> None:
+    try:
+        if time.time() - path.stat().st_mtime > age_s:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

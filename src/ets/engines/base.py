@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -14,6 +15,15 @@ from ets.tree import Node
 DELIMITER = "delimiter"  # the step delimiter was generated (it is part of the step's tokens)
 EOS = "eos"  # the model ended the sequence
 LENGTH = "length"  # max_step_tokens reached without delimiter or EOS
+
+
+# Set (from a signal handler) to stop: an engine that computes synchronously checks it between
+# decode steps and raises Stopped, so SIGTERM ends a long expansion within one step.
+STOP = threading.Event()
+
+
+class Stopped(RuntimeError):
+    """An expansion was abandoned because STOP was set."""
 
 
 SEED_BITS = 31  # servers take the seed as a (signed) int and seed child i with seed + i

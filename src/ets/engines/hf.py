@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ets.config import SamplingConfig
-from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step
+from ets.engines.base import DELIMITER, EOS, LENGTH, STOP, Expansion, Policy, Step, Stopped
 from ets.engines.kv_store import KV, KVStore, Segment
 from ets.tree import Node
 
@@ -331,6 +331,8 @@ class HFPolicy(Policy):
         pos = torch.tensor(held, device=self.device)  # [B] position of the next token fed
         base = P  # cache index of each row's first fed token of this step
         while live:
+            if STOP.is_set():  # SIGTERM: give up this batch now, not after max_step_tokens steps
+                raise Stopped("stopped by a signal")
             inflight = self.store.tokens + sum(len(r.tokens) for r in live)
             self.counters["peak_inflight_kv_tokens"] = max(self.counters["peak_inflight_kv_tokens"], inflight)
             ids = torch.tensor([[r.tokens[-1]] for r in live], device=self.device)  # [B, 1]
@@ -418,8 +420,8 @@ def load_policy(path: str | None = None, device=None, kv_capacity: int | None = 
     src = Path(path) if path else default_model_dir()
     # a GGUF file is dequantized once into a cached transformers folder (ets.models)
     folder = gguf_model_dir(src) if src.suffix == ".gguf" else src
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # never a hub
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     policy = HFPolicy(model, tok, device=dev, kv_capacity=kv_capacity, **kw)
     policy.name = f"hf:{src.name}"
     return policy

@@ -18,6 +18,15 @@ Contract (on top of `Policy`'s):
 - Transient failures (connection refused/reset, timeouts, HTTP 429/5xx) are retried with
   exponential backoff, bounded in count; then the problem fails with a ServerError naming the
   URL and the fix. Other HTTP errors fail at once with the server's message.
+- Timeouts follow the work: a request for `max_step_tokens` tokens may take
+  `request_timeout(max_step_tokens)` seconds (or `timeout_s` when given: `--request-timeout`).
+  A request still waiting after `stall_report_s` is reported on stderr (server, seconds waited).
+- Health: `down_after` consecutive connection failures (refused, reset, dropped mid-answer), or
+  one timeout after which the server does not answer GET /health within a few seconds (hung),
+  mark a server down for the rest of the run: no request goes to it again. A problem on a down
+  server moves to a live one (its whole expand is asked again there); with no live server left
+  every request fails at once with ServerDown, so a run fails fast with one message and keeps
+  everything finished.
 - While an expand runs, the server's /metrics is sampled (server_metrics.Monitor); `observe(root)`
   returns that expand's measured KV peak and prefix-cache delta. These are server-wide figures:
   with several problems in flight on one server they cover all of them (`problems_on_server`
@@ -27,6 +36,9 @@ Contract (on top of `Policy`'s):
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +59,81 @@ FIX_HINT = ("Is the server running and reachable? Start one with `ets serve` (vL
 
 
 class ServerError(RuntimeError):
-    """A server could not answer a request (after retries, where retrying made sense)."""
+    """A server could not answer a request (after retries, where retrying made sense).
+    `hint` says what to do (the runner prints it as the fix)."""
+
+    hint = ("a server did not answer: check that it is up (e.g. `ets serve`) and that the "
+            "--policy/--prm URL is right")
+
+
+class ServerDown(ServerError):
+    """Every server of a policy (or the PRM's server) is marked down: nothing more is sent."""
+
+
+# Per-request timeout: a floor for queueing and prefill, plus a generous per-token allowance
+# (a CPU vLLM under load decodes a few tokens/s per request; a GPU one far more).
+TIMEOUT_BASE_S = 120.0
+TIMEOUT_PER_TOKEN_S = 1.0
+HEALTH_PROBE_S = 5.0  # a hung server is one that does not answer /health within this
+
+
+def request_timeout(max_tokens: int, override: float | None = None) -> float:
+    """Seconds one request for `max_tokens` generated tokens may take: `override` when given,
+    else TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * max_tokens (256 tokens: 376 s)."""
+    if override is not None:
+        return float(override)
+    return TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * max(0, int(max_tokens))
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials of any URL in it replaced: http://user:pw@h -> http://***@h."""
+    return re.sub(r"(?i)\b(https?://)[^/@\s,]+@", r"\1***@", str(text))
+
+
+@dataclass(eq=False)
+class Health:
+    """Consecutive-failure bookkeeping of one server. `failed()` returns True once it is down."""
+
+    url: str
+    down_after: int = 3
+    failures: int = 0  # consecutive connection failures
+    down: bool = False
+    why: str = ""
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    def failed(self, why: str, hung: bool = False) -> bool:
+        self.failures += 1
+        self.why = why
+        if hung or self.failures >= self.down_after:
+            if not self.down:
+                self.down = True
+                _report(f"[ets] {redact_url(self.url)} marked down: {why}"
+                        + ("" if hung else f" ({self.failures} connection failures in a row)"))
+        return self.down
+
+    def error(self) -> ServerDown:
+        return ServerDown(f"server {redact_url(self.url)} is down ({self.why}). {FIX_HINT}")
+
+
+def _report(msg: str) -> None:
+    """A line on stderr that does not tear the progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        print(msg, file=sys.stderr, flush=True)
+
+
+async def _probe(client: httpx.AsyncClient, base: str, timeout_s: float) -> bool:
+    """Whether the server at `base` answers GET /health (any HTTP status) within timeout_s."""
+    try:
+        await client.get(f"{base}/health", timeout=timeout_s)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def split_urls(urls: str | Sequence[str]) -> list[str]:
@@ -67,42 +153,86 @@ def split_urls(urls: str | Sequence[str]) -> list[str]:
 
 async def request_with_retries(client: httpx.AsyncClient, method: str, url: str, *, json=None,
                                retries: int, backoff_s: float, max_backoff_s: float,
-                               timeout_s: float, counters: dict | None = None) -> dict:
+                               timeout_s: float, counters: dict | None = None,
+                               health: Health | None = None, stall_report_s: float | None = 30.0) -> dict:
     """Send one JSON request; retry transient failures `retries` times with exponential backoff
-    (backoff_s * 2**attempt, capped at max_backoff_s). Returns the decoded JSON body."""
+    (backoff_s * 2**attempt, capped at max_backoff_s). Returns the decoded JSON body.
+
+    health: the server's Health: a down server is not asked (ServerDown at once); connection
+    failures count toward marking it down, any HTTP answer resets the count; a timeout followed
+    by an unanswered /health probe marks it down at once (hung). stall_report_s: report on
+    stderr a request still waiting after this many seconds (then every 4x as long)."""
     last = ""
+    shown = redact_url(url)
     for attempt in range(retries + 1):
+        if health is not None and health.down:
+            raise health.error()
         try:
-            r = await client.request(method, url, json=json, timeout=timeout_s)
+            r = await _watched(client.request(method, url, json=json, timeout=timeout_s), shown,
+                               timeout_s, stall_report_s)
         except httpx.TransportError as e:  # refused, reset, timeouts, protocol errors
             last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if isinstance(e, httpx.TimeoutException):
+                last = f"no answer within the {timeout_s:.0f} s request timeout ({type(e).__name__})"
+            if health is not None:
+                hung = (isinstance(e, httpx.ReadTimeout | httpx.WriteTimeout | httpx.PoolTimeout)
+                        and not await _probe(client, health.url, min(HEALTH_PROBE_S, timeout_s)))
+                if hung:
+                    last += "; it does not answer /health either: hung"
+                if health.failed(last, hung=hung):
+                    raise health.error() from e
         else:
+            if health is not None:
+                health.ok()
             if r.status_code < 400:
                 try:
                     return r.json()
                 except ValueError as e:
-                    raise ServerError(f"{url} answered with invalid JSON: {r.text[:300]!r}") from e
+                    raise ServerError(f"{shown} answered with invalid JSON: {r.text[:300]!r}") from e
             if r.status_code not in TRANSIENT_STATUS:
-                raise ServerError(f"{url} answered HTTP {r.status_code}: {r.text[:500]}")
+                raise ServerError(f"{shown} answered HTTP {r.status_code}: {r.text[:500]}")
             last = f"HTTP {r.status_code}: {r.text[:200]}"
         if attempt == retries:
             break
         if counters is not None:
             counters["retries"] = counters.get("retries", 0) + 1
         await asyncio.sleep(min(max_backoff_s, backoff_s * 2 ** attempt))
-    raise ServerError(f"{url} failed after {retries + 1} tries ({last}). {FIX_HINT}")
+    raise ServerError(f"{shown} failed after {retries + 1} tries ({last}). {FIX_HINT}")
+
+
+async def _watched(coro, shown_url: str, timeout_s: float, stall_report_s: float | None):
+    """Await `coro`, reporting on stderr while it waits longer than stall_report_s."""
+    if stall_report_s is None or stall_report_s >= timeout_s:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    t0, wait = time.monotonic(), stall_report_s
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            _report(f"[ets] waiting on {shown_url}: no answer for {time.monotonic() - t0:.0f} s "
+                    f"(request timeout {timeout_s:.0f} s; --request-timeout changes it)")
+            wait = stall_report_s * 4
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 @dataclass(eq=False)
 class _Server:
     url: str
     problems: int = 0  # problems routed here and not finished
-    down: bool = False  # the last request failed for good; avoided by new problems while others live
+    health: Health | None = None  # down: no request goes there again in this run
     model: str | None = None
     monitor: Monitor | None = None
     counters: dict = field(default_factory=lambda: {"requests": 0, "retries": 0, "failures": 0,
                                                     "prompt_tokens": 0, "completion_tokens": 0,
                                                     "cached_tokens": 0, "problems": 0})
+
+    @property
+    def down(self) -> bool:
+        return self.health is not None and self.health.down
 
 
 @dataclass(eq=False)
@@ -118,15 +248,17 @@ class ServerPolicy(Policy):
 
     def __init__(self, urls: str | Sequence[str], model: str | None = None,
                  tokenizer_path: str | Path | None = None, max_concurrency: int = 64,
-                 timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 0.5,
+                 timeout_s: float | None = None, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
                  metrics_interval_s: float = 0.1, system_prompt: str | None = None,
-                 seed: int | None = 0):
+                 seed: int | None = 0, down_after: int = 3, stall_report_s: float | None = 30.0):
         """urls: one base URL, a comma-separated string, or a list (one per server).
         model: the name the servers serve (None: asked from /v1/models, per server).
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
         folder, as it is for a server started by `ets serve`).
-        max_concurrency: HTTP requests in flight per server. timeout_s: per request.
+        max_concurrency: HTTP requests in flight per server. timeout_s: per request (None: scaled
+        by the tokens asked for, see request_timeout). down_after: consecutive connection
+        failures that mark a server down. stall_report_s: report requests waiting this long.
         retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
         measure: sample /metrics during each expand (metrics_interval_s apart).
         system_prompt: a system turn before the question (None: the template's own default).
@@ -134,15 +266,18 @@ class ServerPolicy(Policy):
         children are the same samples whoever asks (None: unseeded requests)."""
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
-        if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or metrics_interval_s <= 0:
-            raise ValueError("max_concurrency >= 1, retries >= 0, timeout_s > 0, metrics_interval_s > 0")
+        if (max_concurrency < 1 or retries < 0 or (timeout_s is not None and not timeout_s > 0)
+                or metrics_interval_s <= 0 or down_after < 1):
+            raise ValueError("max_concurrency >= 1, retries >= 0, timeout_s > 0, metrics_interval_s > 0, "
+                             "down_after >= 1")
         self.flavour, self.model, self.tokenizer_path = flavour, model, tokenizer_path
         self.max_concurrency, self.timeout_s, self.retries = max_concurrency, timeout_s, retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.measure, self.metrics_interval_s = measure, metrics_interval_s
         self.system_prompt = system_prompt
         self.seed = seed
-        self.servers = [_Server(u) for u in split_urls(urls)]
+        self.down_after, self.stall_report_s = down_after, stall_report_s
+        self.servers = [_Server(u, health=Health(u, down_after)) for u in split_urls(urls)]
         self.name = f"server:{flavour}"
         self._tok = None
         self._problems: weakref.WeakKeyDictionary[Node, _Problem] = weakref.WeakKeyDictionary()
@@ -164,7 +299,7 @@ class ServerPolicy(Policy):
                     raise ValueError(f"the server serves {model!r}, which is not a local folder: pass "
                                      "tokenizer_path= (a folder with that model's tokenizer)")
                 path = model
-            self._tok = AutoTokenizer.from_pretrained(str(path))
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.eos_token_id = self._tok.eos_token_id
         return self._tok
 
@@ -188,8 +323,9 @@ class ServerPolicy(Policy):
             r = httpx.get(f"{server.url}/v1/models", timeout=30)
             r.raise_for_status()
             return r.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            raise ServerError(f"{server.url}/v1/models did not name a model ({e}). {FIX_HINT}") from e
+        except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as e:
+            raise ServerError(f"{redact_url(server.url)}/v1/models did not name a model "
+                              f"({redact_url(e)}). {FIX_HINT}") from e
 
     # ---- event-loop bound resources ---------------------------------------------------------
 
@@ -207,33 +343,47 @@ class ServerPolicy(Policy):
                 s.monitor = Monitor(f"{s.url}/metrics", self.flavour, self.metrics_interval_s, self._get_text)
 
     async def _get_text(self, url: str) -> str:
-        r = await self._client.get(url, timeout=min(10.0, self.timeout_s))
+        r = await self._client.get(url, timeout=min(10.0, self.timeout_s or 10.0))
         r.raise_for_status()
         return r.text
 
-    async def _request(self, server: _Server, method: str, path: str, payload=None) -> dict:
+    async def _request(self, server: _Server, method: str, path: str, payload=None,
+                       max_tokens: int = 0) -> dict:
         async with self._sems[server.url]:
             server.counters["requests"] += 1
             return await request_with_retries(
                 self._client, method, f"{server.url}{path}", json=payload, retries=self.retries,
-                backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s, timeout_s=self.timeout_s,
-                counters=server.counters)
+                backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
+                timeout_s=request_timeout(max_tokens, self.timeout_s), counters=server.counters,
+                health=server.health, stall_report_s=self.stall_report_s)
 
     async def _model_name(self, server: _Server) -> str | None:
         if self.model is not None:
             return self.model
         if server.model is None and self.flavour == VLLM:
             body = await self._request(server, "GET", "/v1/models")
-            server.model = body["data"][0]["id"]
+            try:
+                server.model = body["data"][0]["id"]
+            except (KeyError, IndexError, TypeError) as e:
+                raise ServerError(f"{redact_url(server.url)}/v1/models did not name a model: "
+                                  f"{str(body)[:200]}") from e
         return server.model
 
     # ---- routing ------------------------------------------------------------------------
 
+    def _pick(self) -> _Server:
+        """The live server with the fewest problems in flight (ties: the first listed);
+        ServerDown when every server is down."""
+        live = [s for s in self.servers if not s.down]
+        if not live:
+            raise ServerDown("every policy server is down: " + "; ".join(
+                f"{redact_url(s.url)} ({s.health.why})" for s in self.servers) + f". {FIX_HINT}")
+        return min(live, key=lambda s: s.problems)
+
     def _problem(self, root: Node) -> _Problem:
         prob = self._problems.get(root)
         if prob is None:
-            live = [s for s in self.servers if not s.down] or self.servers
-            server = min(live, key=lambda s: s.problems)  # ties: the first listed
+            server = self._pick()
             server.problems += 1
             server.counters["problems"] += 1
             prob = _Problem(server)
@@ -290,6 +440,28 @@ class ServerPolicy(Policy):
 
     async def _expand_problem(self, prob: _Problem, root: Node, reqs: list[Expansion],
                               sampling: SamplingConfig) -> list[list[Step]]:
+        """Expand on the problem's server; when that server goes down, move the problem to a
+        live one and ask again there (ServerDown once none is left)."""
+        while True:
+            try:
+                return await self._expand_on(prob, root, reqs, sampling)
+            except ServerDown:
+                if not prob.server.down:
+                    raise
+                try:
+                    new = self._pick()
+                except ServerDown:
+                    self._finish(prob)
+                    raise
+                _report(f"[ets] moving a problem from {redact_url(prob.server.url)} to {redact_url(new.url)}")
+                if not prob.done:
+                    prob.server.problems -= 1
+                    new.problems += 1
+                new.counters["problems"] += 1
+                prob.server = new
+
+    async def _expand_on(self, prob: _Problem, root: Node, reqs: list[Expansion],
+                         sampling: SamplingConfig) -> list[list[Step]]:
         server = prob.server
         window = await server.monitor.open() if server.monitor else None
         try:
@@ -299,15 +471,15 @@ class ServerPolicy(Policy):
             for res in steps:
                 if isinstance(res, BaseException):
                     raise res
+        except ServerDown:
+            raise
         except ServerError:
-            server.down = True
             server.counters["failures"] += 1
             self._finish(prob)  # this problem fails; the server slot is free again
             raise
         finally:
             obs = await server.monitor.close(window) if window is not None else {}
-        server.down = False
-        obs.update(server=server.url, problems_on_server=server.problems, requests=len(reqs))
+        obs.update(server=redact_url(server.url), problems_on_server=server.problems, requests=len(reqs))
         self._obs[root] = obs
         return list(steps)
 
@@ -324,7 +496,7 @@ class ServerPolicy(Policy):
                 payload["seed"] = seed
             if model is not None:
                 payload["model"] = model
-            body = await self._request(server, "POST", "/v1/completions", payload)
+            body = await self._request(server, "POST", "/v1/completions", payload, sampling.max_step_tokens)
             steps = self._parse_vllm(server, body, sampling)
         else:
             payload = {"input_ids": ids, "return_logprob": True,
@@ -332,7 +504,7 @@ class ServerPolicy(Policy):
                                            "temperature": sampling.temperature, "top_p": sampling.top_p,
                                            "stop": [sampling.step_delimiter], "no_stop_trim": True,
                                            **({"sampling_seed": seed} if seed is not None else {})}}
-            body = await self._request(server, "POST", "/generate", payload)
+            body = await self._request(server, "POST", "/generate", payload, sampling.max_step_tokens)
             steps = self._parse_sglang(server, body, sampling, len(ids))
         if len(steps) != n:
             raise ServerError(f"{server.url} returned {len(steps)} samples for node {node.id}, asked for {n}")
@@ -407,7 +579,7 @@ class ServerPolicy(Policy):
         kv_peak = None
         for s in self.servers:
             m = s.monitor.totals() if s.monitor else {}
-            per[s.url] = {**s.counters, **m}
+            per[redact_url(s.url)] = {**s.counters, **m}
             for k in totals:
                 totals[k] += s.counters[k]
             if m.get("prefix_queries") is not None:

@@ -147,5 +147,5 @@ class MathShepherdPRM(StepTagPRM):
     def from_folder(self, path: str | Path, dtype=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path))
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto"), tok
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", local_files_only=True), tok

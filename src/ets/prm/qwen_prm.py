@@ -49,7 +49,7 @@ class QwenPRM(StepTagPRM):
         from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
 
         trc = self.trust_remote_code
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trc)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trc, local_files_only=True)
         if trc:
-            return AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True), tok
-        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto"), tok
+            return AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True, local_files_only=True), tok
+        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto", local_files_only=True), tok

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import httpx
 
-from ets.engines.server import ServerError, request_with_retries, split_urls
+from ets.engines.server import Health, ServerError, redact_url, request_with_retries, split_urls
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -78,13 +78,17 @@ def step_score(vec, positive_index: int) -> float:
 class ServedPRM(RewardModel):
     def __init__(self, url: str, model: str | None = None, convention: str = "qwen-prm",
                  step_tag: str | None = None, positive_index: int | None = None,
-                 batch_size: int = 16, max_concurrency: int = 8, timeout_s: float = 300.0,
+                 batch_size: int = 16, max_concurrency: int = 8, timeout_s: float | None = None,
                  retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 8.0,
-                 cache_size: int = 200_000):
+                 cache_size: int = 200_000, down_after: int = 3):
         """url: the PRM server's base URL. model: its served name (None: the server's default).
         convention: "qwen-prm" | "math-shepherd"; step_tag / positive_index override its tag and
         positive class (e.g. for another PRM of the same shape). batch_size: paths per /pooling
-        request; max_concurrency: requests in flight. cache_size: step scores kept (LRU)."""
+        request; max_concurrency: requests in flight. cache_size: step scores kept (LRU).
+        timeout_s: per request (None: 300). down_after: consecutive connection failures after
+        which the server is taken as down (every later call fails at once).
+        A server that cannot be reached raises ServerError (hint: the PRM server and --prm URL),
+        not PRMError: the steps are fine, the server is not."""
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
         base = CONVENTIONS[convention]
@@ -92,7 +96,9 @@ class ServedPRM(RewardModel):
                                      base.positive_index if positive_index is None else positive_index)
         self.url = split_urls(url)[0]
         self.model, self.batch_size, self.max_concurrency = model, batch_size, max_concurrency
-        self.timeout_s, self.retries, self.backoff_s, self.max_backoff_s = timeout_s, retries, backoff_s, max_backoff_s
+        self.timeout_s = 300.0 if timeout_s is None else timeout_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.health = Health(self.url, down_after)
         self.cache_size = cache_size
         self.name = f"served-prm:{convention}"
         self._cache: OrderedDict[tuple, float] = OrderedDict()
@@ -153,10 +159,17 @@ class ServedPRM(RewardModel):
                 body = await request_with_retries(
                     self._client, "POST", f"{self.url}/pooling", json=payload, retries=self.retries,
                     backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
-                    timeout_s=self.timeout_s, counters=self._counters)
+                    timeout_s=self.timeout_s, counters=self._counters, health=self.health)
             except ServerError as e:
-                raise PRMError(f"{self.name}: {e}") from e
-        data = sorted(body.get("data", []), key=lambda d: d.get("index", 0))
+                err = type(e)(f"{self.name} (--prm): {e}")
+                err.hint = ("the PRM server did not answer: check that it is up and that the --prm URL "
+                            "is right")
+                raise err from e
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise PRMError(f"{self.name}: {redact_url(self.url)}/pooling answered without a 'data' list: "
+                           f"{str(body)[:200]}")
+        data = sorted(data, key=lambda d: d.get("index", 0))
         if len(data) != len(batch):
             raise PRMError(f"{self.name}: {self.url}/pooling returned {len(data)} results for {len(batch)} inputs")
         for (q, steps), item in zip(batch, data):

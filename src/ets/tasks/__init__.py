@@ -71,7 +71,9 @@ def select(problems: list[Problem], limit: int | None = None, offset: int = 0,
 def _ends_with_hashes(path: Path, field: str) -> bool:
     import json
 
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        return False  # read_jsonl reports it
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:

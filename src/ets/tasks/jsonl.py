@@ -24,6 +24,8 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
     Raises DatasetError naming `path:line` for malformed JSON, non-objects, missing or empty
     fields, a gold that cannot be read, and duplicate ids."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory: --dataset takes a JSONL file (or gsm8k, math500)")
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     prefix = id_prefix or path.stem
@@ -31,12 +33,19 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
     errors: list[str] = []
     seen: dict[str, int] = {}
     index = -1  # position among the non-blank lines
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                index += 1
+                errors.append(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                              "save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             index += 1
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -62,6 +71,8 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
             seen[pid] = lineno
             meta = {k: v for k, v in obj.items() if k not in (question_field,)}
             problems.append(Problem(pid, str(obj[question_field]), gold_text, meta))
+    if len(errors) == 1:
+        raise DatasetError(f"{errors[0]}; nothing was run")
     if errors:
         more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
         raise DatasetError(f"{len(errors)} malformed line(s) in {path}; nothing was run:\n  "

@@ -1,0 +1,162 @@
+"""ets.experiment (method specs, the chunk schedule), ets.report.record (the paired interval,
+the record) and the engine measures in every run (ets.measures via runner and summary.json)."""
+
+import json
+import math
+import types
+
+import pytest
+
+import ets.cli as cli
+from ets.experiment import parse_method, schedule
+from ets.measures import counter_delta, trace_measures
+from ets.report.record import paired_interval, wilson
+
+MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress", "--max-tokens", "200"]
+
+
+@pytest.fixture
+def toy(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
+                            for i in range(5)))
+    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+
+
+def test_parse_method_types_params_as_the_strategy_config():
+    m = parse_method("ets:lambda_c=2/node_cost=tokens/kv_budget=800/lambda_s=0")
+    assert (m.label, m.strategy) == ("ets:lambda_c=2/node_cost=tokens/kv_budget=800/lambda_s=0", "ets")
+    # floats as the flags give them (--lambda-c 2 -> 2.0), so both name the same run directory
+    assert m.params == {"lambda_c": 2.0, "node_cost": "tokens", "kv_budget": 800, "lambda_s": 0.0}
+    assert type(m.params["lambda_c"]) is float and type(m.params["kv_budget"]) is int
+    assert parse_method("beam:overshoot=true").params == {"overshoot": True}
+    assert parse_method(" rebase ") .params == {} and parse_method("rebase").label == "rebase"
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_method("ets:lambda_c")
+    with pytest.raises(ValueError, match="unknown parameter 'lambda_x'"):
+        parse_method("ets:lambda_x=1")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_method("nope")
+
+
+def test_schedule_rotates_the_config_order_per_chunk():
+    problems = [types.SimpleNamespace(id=f"p{i}") for i in range(5)]
+    arms = [types.SimpleNamespace(name=n, problems=problems) for n in "ABC"]
+    plan = schedule(arms, concurrency=2)
+    chunks = {}
+    for ci, arm, chunk in plan:
+        chunks.setdefault(ci, []).append((arm.name, [p.id for p in chunk]))
+    assert [[a for a, _ in chunks[ci]] for ci in sorted(chunks)] == [list("ABC"), list("BCA"), list("CAB")]
+    assert [c for _, c in chunks[0]] == [["p0", "p1"]] * 3 and chunks[2][0][1] == ["p4"]
+
+
+def test_compare_logs_one_line_per_chunk_and_config_in_rotating_order(tmp_path, toy, capsys):
+    args = ["compare", *MOCK, *toy, "--limit", "4", "--methods", "rebase,ets,beam", "--widths", "2",
+            "--concurrency", "2", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    lines = []
+    for d in (tmp_path / "runs").iterdir():
+        if (d / "config.json").exists():
+            for s in map(json.loads, (d / "sessions.jsonl").read_text().splitlines()):
+                lines.append((s["time"], d.name.split("-")[0], tuple(sorted(s["ids"])), s))
+    lines.sort()
+    assert [(m, ids) for _, m, ids, _ in lines] == [
+        ("rebase", ("t0", "t1")), ("ets", ("t0", "t1")), ("beam", ("t0", "t1")),
+        ("ets", ("t2", "t3")), ("beam", ("t2", "t3")), ("rebase", ("t2", "t3"))]
+    for *_, s in lines:  # the chunk's own record: wall, tokens, in flight, engine counter delta
+        assert s["wall_s"] > 0 and s["generated_tokens"] > 0 and s["concurrency"] == 2
+        assert s["engine"]["policy_calls"] > 0 and s["interleaved_runs"] == 1
+
+
+def test_compare_reuses_runs_made_by_ets_run_and_reports_them(tmp_path, toy, capsys):
+    # rebase on 2 problems, and ets with lambda_c 2 on all 3: both made by `ets run`
+    assert cli.main(["run", *MOCK, *toy, "--limit", "2", "--strategy", "rebase", "--width", "2"]) == 0
+    assert cli.main(["run", *MOCK, *toy, "--limit", "3", "--strategy", "ets", "--lambda-c", "2", "--width", "2"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/problems/*.json")}
+    assert len(before) == 5
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert cli.main(["compare", *MOCK, *toy, "--limit", "3", "--methods", "rebase,ets:lambda_c=2",
+                     "--widths", "2", "--out", str(out)]) == 0
+    dirs = sorted(d.name for d in (tmp_path / "runs").iterdir() if (d / "config.json").exists())
+    assert len(dirs) == 2  # the same two run directories: nothing new
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/problems/*.json")}
+    assert {p: after[p] for p in before} == before and len(after) == 6  # only rebase's t2 was computed
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["rebase"]["problems"] == rows["ets:lambda_c=2"]["problems"] == 3
+    # ets's problems were all done by `ets run`: its throughput comes from that run's session
+    assert rows["ets:lambda_c=2"]["tokens_per_s"] > 0 and rows["rebase"]["tokens_per_s"] > 0
+    assert rows["ets:lambda_c=2"]["paired_diff"] is not None and rows["rebase"]["paired_diff"] is None
+    assert res["ratios"][0]["ets"] == "ets:lambda_c=2"
+    md = (out / "results.md").read_text()
+    assert "vs REBASE [95% CI]" in md and "ets:lambda_c=2" in md
+    for png in ("accuracy.png", "kv.png", "throughput.png", "selection.png", "widths.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| method" in capsys.readouterr().out  # the table is printed too
+
+
+def test_paired_interval():
+    # no discordant problem: the difference is 0, and the interval still has width (Wald's would not)
+    d, lo, hi = paired_interval([True] * 3 + [False] * 7, [True] * 3 + [False] * 7)
+    assert d == 0 and -0.4 < lo < -0.05 and 0.05 < hi < 0.4
+    # uncorrelated table (phi = 0): reduces to Newcombe's independent hybrid interval
+    x = [True, True, False, False] * 5
+    y = [True, False, True, False] * 5
+    d, lo, hi = paired_interval(x, y)
+    l1, u1 = wilson(10, 20)
+    assert d == 0 and math.isclose(hi, math.sqrt((u1 - 0.5) ** 2 + (0.5 - l1) ** 2)) and math.isclose(lo, -hi)
+    # large n: close to the Wald interval of the per-problem differences
+    x = [True] * 800 + [True] * 300 + [False] * 200 + [False] * 700
+    y = [True] * 800 + [False] * 300 + [True] * 200 + [False] * 700
+    diffs = [int(a) - int(b) for a, b in zip(x, y)]
+    n, m = len(diffs), sum(diffs) / len(diffs)
+    half = 1.96 * math.sqrt(sum((v - m) ** 2 for v in diffs) / (n - 1) / n)
+    d, lo, hi = paired_interval(x, y)
+    assert math.isclose(d, 0.05) and abs(lo - (m - half)) < 0.003 and abs(hi - (m + half)) < 0.003
+    # all discordant one way: inside [-1, 1], excludes 0
+    d, lo, hi = paired_interval([True] * 6, [False] * 6)
+    assert d == 1 and 0 < lo < 1 and hi == 1
+    with pytest.raises(ValueError):
+        paired_interval([True], [])
+
+
+def test_counter_delta_and_trace_measures():
+    assert counter_delta({"waves": 5, "peak_kv_tokens": 9, "device": "cpu", "expand_s": 2.5, "mean_batch_rows": 3},
+                         {"waves": 2, "peak_kv_tokens": 4, "expand_s": 1.0}) == {"waves": 3, "expand_s": 1.5}
+    m = trace_measures([{"engine": {"kv_tokens_peak": 100, "prefix_hits": 0, "prefix_queries": 10}},
+                        {"engine": {"kv_tokens_peak": 300, "prefix_hits": 15, "prefix_queries": 20}}, {"engine": {}}])
+    assert m == {"measured_kv_mean": 200, "measured_kv_peak": 300, "prefix_hits": 15, "prefix_queries": 30,
+                 "prefix_hit_rate": 0.5}
+    assert trace_measures([{"engine": {"kv_tokens": 7}}]) == {"measured_kv_mean": 7, "measured_kv_peak": 7}
+
+
+def test_run_against_a_server_records_hit_rate_and_measured_kv(tmp_path, toy, stand_in, monkeypatch, capsys):
+    import ets.factory as f
+    from ets.engines.server import ServerPolicy
+    from test_server_policy import FakeVLLM
+
+    fake = FakeVLLM(delimiter_only=True)
+    srv = stand_in(fake)
+
+    def make_policy(spec, **opts):
+        policy = ServerPolicy(spec, model="m", metrics_interval_s=0.01)
+        policy.format_prompt = lambda q: (list(range(40)), q)  # no tokenizer behind the stand-in
+        return policy
+
+    monkeypatch.setattr(f, "make_policy", make_policy)
+    args = ["run", "--policy", srv.url, "--prm", "mock", "--embedder", "hash", "--no-progress", *toy,
+            "--limit", "2", "--width", "3", "--max-tokens", "24", "--max-step-tokens", "8"]
+    assert cli.main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prefix_cache_queries"] == fake.queries and summary["prefix_cache_hits"] == fake.hits > 0
+    assert math.isclose(summary["prefix_cache_hit_rate"], fake.hits / fake.queries)
+    assert summary["measured_kv_peak"] == 400 and summary["measured_kv_mean"] == 400  # 0.25 x 1600 tokens
+    assert summary["requests"] == len(srv.posts("/v1/completions")) and summary["retries"] == 0
+    [run] = [d for d in (tmp_path / "runs").iterdir() if (d / "config.json").exists()]
+    rec = json.loads(next((run / "problems").glob("*.json")).read_text())
+    assert rec["engine"]["measured_kv_peak"] == 400 and rec["engine"]["prefix_queries"] > 0
+    # the human-readable line says it too
+    assert cli.main([*args, "--limit", "3"]) == 0
+    line = capsys.readouterr().out
+    assert "prefix-cache hit rate" in line and "measured KV mean 400" in line
