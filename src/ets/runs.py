@@ -145,7 +145,7 @@ class RunDir:
         if cfg_path.exists():
             old = rd.config()
             if old.get("hash") != h:
-                diff = _diff(old.get("identity", {}), json.loads(json.dumps(identity, default=_jsonable)))
+                diff = _diff(old.get("identity", {}), _redacted(identity))
                 raise RunMismatch(f"{rd.path} was made with another configuration (hash {old.get('hash')} "
                                   f"!= {h}); differing: {diff}. Resume it with its own flags, or drop --resume "
                                   "to start a new run directory.")
@@ -153,8 +153,9 @@ class RunDir:
             return rd  # written once, when made: never rewritten
         elif resume is not None and rd.path.exists() and any(rd.path.iterdir()):
             raise RunMismatch(f"{rd.path} is not a run directory (no config.json)")
-        atomic_write_json(cfg_path, {"format": FORMAT, "name": rd.name, "hash": h, "identity": identity,
-                                     "run": run})
+        # the hash (hence the name) is of the identity as given; the file never holds URL credentials
+        atomic_write_json(cfg_path, {"format": FORMAT, "name": rd.name, "hash": h, "identity": _redacted(identity),
+                                     "run": _redacted(run)})
         return rd
 
     def config(self) -> dict:
@@ -309,6 +310,20 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
+
+
+def _redacted(obj):
+    """A JSON copy of `obj` with every URL's credentials replaced (http://user:pw@h -> http://***@h)."""
+    from ets.engines.server import redact_url
+
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return redact_url(x) if isinstance(x, str) else x
+
+    return walk(json.loads(json.dumps(obj, default=_jsonable)))
 
 
 def _proc_start(pid: int) -> str | None:

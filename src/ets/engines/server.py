@@ -87,7 +87,7 @@ def request_timeout(max_tokens: int, override: float | None = None) -> float:
 
 def redact_url(text: str) -> str:
     """`text` with the credentials of any URL in it replaced: http://user:pw@h -> http://***@h."""
-    return re.sub(r"(?i)\b(https?://)[^/@\s,]+@", r"\1***@", str(text))
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s,]+@", r"\1***@", str(text))
 
 
 @dataclass(eq=False)
