@@ -159,7 +159,12 @@ def start_vllm_server(model_dir: str | Path, port: int, venv_python: str | Path,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=vllm_env(kv_cache_gb), start_new_session=True)
     server = VLLMServer(proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", log_path)
-    if not wait_healthy(server.url, startup_timeout_s, server.alive):
+    try:
+        healthy = wait_healthy(server.url, startup_timeout_s, server.alive)
+    except BaseException:  # interrupted while waiting (Ctrl-C, SIGTERM): leave no server behind
+        server.terminate()
+        raise
+    if not healthy:
         server.terminate()
         raise RuntimeError(f"vLLM did not become healthy at {server.url} (command: {' '.join(cmd)}); "
                            f"last lines of {log_path}:\n{server.log_tail()}")
@@ -191,14 +196,24 @@ def main(argv=None) -> int:
         from ets.models import gguf_model_dir
 
         args.model = str(gguf_model_dir(args.model))
+    # SIGTERM and SIGHUP stop like Ctrl-C: the finally below terminates the server's process
+    # group (vLLM and its engine workers), so no server is left holding the port and memory.
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # SIGINT too: it may be inherited ignored
+        signal.signal(sig, stop)
     python = ensure_vllm_venv(args.venv or default_venv())
     print(f"[ets] starting vLLM for {args.model} on {args.host}:{args.port} ...", file=sys.stderr, flush=True)
-    server = start_vllm_server(args.model, args.port, python, args.kv_cache_gb, host=args.host,
-                               block_size=args.block_size, log_path=args.log, extra_args=extra)
-    print(server.url, flush=True)
-    print(f"[ets] serving; log: {server.log_path}; Ctrl-C stops it. Use: ets run --policy {server.url}",
-          file=sys.stderr, flush=True)
     try:
+        server = start_vllm_server(args.model, args.port, python, args.kv_cache_gb, host=args.host,
+                                   block_size=args.block_size, log_path=args.log, extra_args=extra)
+    except KeyboardInterrupt:  # stopped while starting: start_vllm_server's own cleanup ran
+        return 130
+    try:  # from here on any stop terminates the server
+        print(server.url, flush=True)
+        print(f"[ets] serving; log: {server.log_path}; Ctrl-C stops it. Use: ets run --policy {server.url}",
+              file=sys.stderr, flush=True)
         while server.alive():
             time.sleep(1.0)
         print(f"[ets] vLLM exited; last lines of its log:\n{server.log_tail()}", file=sys.stderr)

@@ -50,11 +50,19 @@ def normalise(text: str) -> str:
     return t
 
 
+# Longest side of a statement that is checked: real ones are short; a 5,000-term chain would
+# cost time and recursion depth, so it is not checked (neither right nor wrong).
+MAX_EXPR_CHARS = 300
+
+
 def evaluate(expr: str) -> float | None:
-    """Value of a plain arithmetic expression (numbers, + - * /, parentheses), else None."""
+    """Value of a plain arithmetic expression (numbers, + - * /, parentheses), else None (also
+    for one longer than MAX_EXPR_CHARS, or nested too deep)."""
+    if len(expr) > MAX_EXPR_CHARS:
+        return None
     try:
         tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
         return None
 
     def ev(node):
@@ -70,7 +78,7 @@ def evaluate(expr: str) -> float | None:
 
     try:
         value = ev(tree)
-    except (ValueError, ZeroDivisionError, OverflowError):
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
         return None
     return value if math.isfinite(value) else None
 
