@@ -272,8 +272,10 @@ def test_server_dying_mid_run_keeps_finished_problems(tmp_path, toy4, no_tokeniz
 
     def dies(method, path, body):
         if path == "/v1/completions" and body["prompt"][0] == 1002:  # t0, t1 done; t2 starts
-            # dies: stops listening (this last request gets a 503)
-            threading.Thread(target=box["srv"].close, daemon=True).start()
+            # dies: stops listening before this last request gets its 503, so every retry is refused
+            closing = threading.Thread(target=box["srv"].close, daemon=True)
+            closing.start()
+            closing.join(10)
             return 503, {"error": "shutting down"}
         return fake(method, path, body)
 
