@@ -192,3 +192,23 @@ def test_saved_record_round_trips_tree_and_trace(tmp_path):
     assert [asdict(t) for t in trace] == rec["trace"]
     assert any(t.info.get("num_clusters") is not None or t.info.get("objective") is not None for t in trace)
     assert rec["kv"]["kv_peak"] == max(t.kv_tokens for t in trace)
+
+
+def test_run_names_are_pinned():
+    """Run directory names are a hash of RunConfig.identity(...): runs on disk resume only while
+    these stay the same. A change here orphans every saved run; moving code must not."""
+    from ets.config import SamplingConfig
+
+    task = {"name": "gsm8k", "numeric": True,
+            "instruction": "Please reason step by step, and put your final answer within \\boxed{}."}
+    s = SamplingConfig(max_step_tokens=256, step_delimiter="\n")
+    cases = [
+        (RunConfig(), SearchConfig(strategy="ets", width=4, max_tokens=256, sampling=s,
+                                   strategy_params={"embedder": "minilm"}), "ets-w4-015ef419"),
+        (RunConfig(kv_capacity=4096, vote="majority", agg="min"), SearchConfig(strategy="rebase", width=16),
+         "rebase-w16-02a42ca3"),
+        (RunConfig(policy="mock", prm="mock"),
+         SearchConfig(strategy="beam", width=8, seed=3, strategy_params={"overshoot": True}), "beam-w8-e9e02314"),
+    ]
+    for rc, sc, name in cases:
+        assert run_name(rc.identity(sc, task)) == name
