@@ -127,11 +127,28 @@ def test_requests_carry_a_seed_that_depends_only_on_the_path(stand_in):
     assert all(0 <= s < 2 ** 31 - 64 for s in seeds[:3])
 
 
+def test_root_prompt_is_prefilled_once_before_its_children(stand_in):
+    """vLLM would compute a root prompt once per child (children are scheduled together):
+    a 1-token request first puts it in the prefix cache. Only for roots with n > 1."""
+    srv = stand_in(FakeVLLM())
+    tree = Tree([5, 6, 7], "prompt")
+    child = tree.add_child(tree.root, [8, 9], "a\n\n", DELIMITER)
+    steps = _expand(ServerPolicy(srv.url, model="m", measure=False), [Expansion(tree.root, 4), Expansion(child, 3)])
+    assert [len(s) for s in steps] == [4, 3]
+    posts = srv.posts("/v1/completions")
+    root_posts = [p for p in posts if p["prompt"] == [5, 6, 7]]
+    assert [(p["n"], p["max_tokens"]) for p in root_posts] == [(1, 1), (4, 8)]  # prefill, then children
+    assert [p["n"] for p in posts if p["prompt"] == [5, 6, 7, 8, 9]] == [3]  # not for inner nodes
+    srv2 = stand_in(FakeVLLM())
+    _expand(ServerPolicy(srv2.url, model="m", measure=False, prefill_first=False), [Expansion(tree.root, 4)])
+    assert [p["n"] for p in srv2.posts("/v1/completions")] == [4]
+
+
 def test_retries_transient_then_succeeds(stand_in):
     fake = FakeVLLM(fail_first=2, status=503)
     srv = stand_in(fake)
     tree = Tree([1, 2], "p")
-    policy = ServerPolicy(srv.url, model="m", retries=3, backoff_s=0.01, measure=False)
+    policy = ServerPolicy(srv.url, model="m", retries=3, backoff_s=0.01, measure=False, prefill_first=False)
     steps = _expand(policy, [Expansion(tree.root, 2)])
     assert len(steps[0]) == 2
     assert len(srv.posts("/v1/completions")) == 3

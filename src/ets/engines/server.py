@@ -251,7 +251,7 @@ class ServerPolicy(Policy):
                  timeout_s: float | None = None, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
                  metrics_interval_s: float = 0.1, system_prompt: str | None = None,
-                 seed: int | None = 0, down_after: int = 3, stall_report_s: float | None = 30.0):
+                 seed: int | None = 0, prefill_first: bool = True, down_after: int = 3, stall_report_s: float | None = 30.0):
         """urls: one base URL, a comma-separated string, or a list (one per server).
         model: the name the servers serve (None: asked from /v1/models, per server).
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
@@ -263,7 +263,9 @@ class ServerPolicy(Policy):
         measure: sample /metrics during each expand (metrics_interval_s apart).
         system_prompt: a system turn before the question (None: the template's own default).
         seed: the run's seed; each request carries `node_seed(seed, node's path)` so a node's
-        children are the same samples whoever asks (None: unseeded requests)."""
+        children are the same samples whoever asks (None: unseeded requests).
+        prefill_first: before a root's n > 1 children (vLLM), one 1-token request computes the
+        prompt's KV so the children share it through the prefix cache (see _prefill)."""
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
         if (max_concurrency < 1 or retries < 0 or (timeout_s is not None and not timeout_s > 0)
@@ -276,6 +278,7 @@ class ServerPolicy(Policy):
         self.measure, self.metrics_interval_s = measure, metrics_interval_s
         self.system_prompt = system_prompt
         self.seed = seed
+        self.prefill_first = prefill_first
         self.down_after, self.stall_report_s = down_after, stall_report_s
         self.servers = [_Server(u, health=Health(u, down_after)) for u in split_urls(urls)]
         self.name = f"server:{flavour}"
@@ -488,6 +491,8 @@ class ServerPolicy(Policy):
         model = await self._model_name(server)
         seed = None if self.seed is None else node_seed(self.seed, ids)
         if self.flavour == VLLM:
+            if self.prefill_first and n > 1 and node.parent is None:
+                await self._prefill(server, ids, model)
             payload = {"prompt": ids, "n": n, "max_tokens": sampling.max_step_tokens,
                        "temperature": sampling.temperature, "top_p": sampling.top_p,
                        "stop": [sampling.step_delimiter], "include_stop_str_in_output": True,
@@ -509,6 +514,18 @@ class ServerPolicy(Policy):
         if len(steps) != n:
             raise ServerError(f"{server.url} returned {len(steps)} samples for node {node.id}, asked for {n}")
         return steps
+
+    async def _prefill(self, server: _Server, ids: list[int], model: str | None) -> None:
+        """Compute the prompt's KV once (one greedy token), so the n children that follow find it
+        in the prefix cache: vLLM schedules a request's n children together, before any of them
+        has cached the prompt, and would compute it n times (seen: 16x the prompt per problem)."""
+        payload = {"prompt": ids, "n": 1, "max_tokens": 1, "temperature": 0.0}
+        if model is not None:
+            payload["model"] = model
+        body = await self._request(server, "POST", "/v1/completions", payload, 1)
+        usage = body.get("usage") or {}
+        server.counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+        server.counters["prefill_requests"] = server.counters.get("prefill_requests", 0) + 1
 
     def _parse_vllm(self, server: _Server, body: dict, sampling: SamplingConfig) -> list[Step]:
         usage = body.get("usage") or {}
