@@ -14,6 +14,15 @@ Exact accounting (checked by tests), with no two identical sibling steps in a tr
     computed tokens = prefilled + decoded
                     = unique tokens of the tree - (non-root nodes never expanded)
 because every token is fed once, except the last token of a step that was never expanded.
+
+Sampling (common random numbers): child i of a node draws its tokens from its own CPU generator
+seeded with `node_seed(run seed, node's path) + i` (ets.engines.base, as servers seed requests),
+one uniform per token. So a node's k-th child depends only on the run seed, the node's path (the
+prompt names the problem) and k, and on the logits: not on the batch, the wave, the problems in
+flight, what ran earlier in the process, or how many siblings were asked for. The logits
+themselves are float arithmetic whose last bits can depend on the batch's shape (padding,
+batch size); a token changes only when its uniform falls within that rounding of a boundary of
+the cumulative distribution.
 """
 
 from __future__ import annotations
@@ -28,20 +37,37 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ets.config import SamplingConfig
-from ets.engines.base import DELIMITER, EOS, LENGTH, STOP, Expansion, Policy, Step, Stopped
+from ets.engines.base import DELIMITER, EOS, LENGTH, STOP, Expansion, Policy, Step, Stopped, node_seed
 from ets.engines.kv_store import KV, KVStore, Segment
 from ets.tree import Node
 
 
+def row_generators(run_seed: int, path_token_ids: Sequence[int], n: int) -> list[torch.Generator]:
+    """The random streams of a node's children 0..n-1: CPU generators seeded with
+    `node_seed(run_seed, path) + i`, the scheme servers use for a request's `seed`. Child i's
+    stream depends only on (run seed, the node's path, i): not on n, on what else is in the batch,
+    on earlier problems in the process, nor on the device."""
+    base = node_seed(run_seed, path_token_ids)
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row. logits: [B, V]. Returns (ids [B], logprobs [B]); the log-prob
-    is under the model's own distribution (before temperature/top-p), the policy's confidence."""
+           generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row. logits: [B, V]; generators: one per row (None only when
+    temperature is 0). Returns (ids [B], logprobs [B]); the log-prob is under the model's own
+    distribution (before temperature/top-p), the policy's confidence.
+
+    Row b draws exactly ONE uniform from generators[b] (on the CPU, in float64) and takes the
+    token where it falls in the row's cumulative distribution (inverse CDF, vocabulary order), so
+    a row's token depends only on its own logits and its own stream, never on the other rows.
+    temperature 0 is greedy and draws nothing."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     if temperature == 0:
         ids = logits.argmax(-1)
     else:
+        if generators is None or len(generators) != logits.shape[0]:
+            raise ValueError("sampling at temperature > 0 needs one generator per row")
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
             sorted_p, order = probs.sort(-1, descending=True)
@@ -49,17 +75,20 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
             drop = sorted_p.cumsum(-1) - sorted_p >= top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = probs.double().cumsum(-1)  # [B, V]; its last entry is the kept mass
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+        at = (u.to(cdf.device)[:, None] * cdf[:, -1:])  # [B, 1] in [0, kept mass)
+        ids = torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
 class _Row:
     """One child being decoded."""
 
-    __slots__ = ("req", "parent", "tokens", "logprobs", "stop")
+    __slots__ = ("req", "parent", "gen", "tokens", "logprobs", "stop")
 
-    def __init__(self, req: int, parent: Segment):
-        self.req, self.parent = req, parent
+    def __init__(self, req: int, parent: Segment, gen: torch.Generator):
+        self.req, self.parent, self.gen = req, parent, gen  # gen: this child's own random stream
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.stop: str | None = None
@@ -84,7 +113,7 @@ class HFPolicy(Policy):
         self.model = model.to(self.device).eval()
         self.tok = tokenizer
         self.kv_capacity, self.max_batch, self.system_prompt = kv_capacity, max_batch, system_prompt
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.seed = seed  # the run's seed: child i of a node samples from row_generators(seed, path)[i]
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -158,7 +187,8 @@ class HFPolicy(Policy):
         self.counters["policy_calls"] += 1
         segs = [self.store.segment(r.node) for r in requests]
         self._prefill([s for s in dict.fromkeys(segs) if not (s.complete and s.next_logits is not None)])
-        rows = [_Row(i, seg) for i, (r, seg) in enumerate(zip(requests, segs)) for _ in range(r.n)]
+        rows = [_Row(i, seg, gen) for i, (r, seg) in enumerate(zip(requests, segs))
+                for gen in row_generators(self.seed, r.node.path_token_ids(), r.n)]
         with torch.inference_mode():
             for wave in self._waves(rows, sampling.max_step_tokens):
                 self._decode(wave, sampling)
@@ -312,7 +342,7 @@ class HFPolicy(Policy):
         self.counters["max_batch_rows"] = max(self.counters["max_batch_rows"], len(rows))
         # first token of every row: from its parent's logits (computed once per parent)
         first = torch.stack([r.parent.next_logits for r in rows])
-        self._take(rows, *sample(first, sampling.temperature, sampling.top_p, self.generator), sampling)
+        self._take(rows, *sample(first, sampling.temperature, sampling.top_p, [r.gen for r in rows]), sampling)
         live = [r for r in rows if r.stop is None]
         if not live:
             for r in rows:
@@ -342,7 +372,7 @@ class HFPolicy(Policy):
             self.counters["decode_steps"] += 1
             self.counters["decode_tokens"] += len(live)
             pos = pos + 1
-            self._take(live, *sample(logits, sampling.temperature, sampling.top_p, self.generator), sampling)
+            self._take(live, *sample(logits, sampling.temperature, sampling.top_p, [r.gen for r in live]), sampling)
             keep = [b for b, r in enumerate(live) if r.stop is None]
             for b, r in enumerate(live):
                 if r.stop is not None:
