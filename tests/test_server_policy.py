@@ -144,6 +144,32 @@ def test_root_prompt_is_prefilled_once_before_its_children(stand_in):
     assert [p["n"] for p in srv2.posts("/v1/completions")] == [4]
 
 
+def test_stalled_requests_are_summed_up_per_server_not_reported_one_by_one(stand_in, capsys):
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def slow(method, path, body):
+        if path == "/v1/completions":
+            release.wait(1.2)
+            return FakeVLLM()(method, path, body)
+        return FakeVLLM()(method, path, body)
+
+    srv = stand_in(slow)
+    tree = Tree([1, 2], "p")
+    kids = [tree.add_child(tree.root, [3, i], f"s{i}\n\n", DELIMITER) for i in range(6)]
+    policy = ServerPolicy(srv.url, model="m", measure=False, stall_report_s=0.25, timeout_s=30)
+    t = time.monotonic()
+    steps = _expand(policy, [Expansion(k, 1) for k in kids])
+    took = time.monotonic() - t
+    assert [len(x) for x in steps] == [1] * 6
+    lines = [x for x in capsys.readouterr().err.splitlines() if "waiting on" in x]
+    assert lines and "request(s) unanswered" in lines[0]
+    assert any("6 request(s)" in x for x in lines)  # all six counted in one line
+    assert len(lines) <= took / 0.25 + 1  # one line a period, not one per request
+
+
 def test_retries_transient_then_succeeds(stand_in):
     fake = FakeVLLM(fail_first=2, status=503)
     srv = stand_in(fake)

@@ -200,21 +200,35 @@ async def request_with_retries(client: httpx.AsyncClient, method: str, url: str,
     raise ServerError(f"{shown} failed after {retries + 1} tries ({last}). {FIX_HINT}")
 
 
+# Requests waiting past stall_report_s, by the URL they wait on: {url: {id(task): start time}}.
+# One line per URL per stall_report_s sums them up (with hundreds of requests in flight on a
+# slow server, a line per request would bury everything else).
+_WAITING: dict[str, dict[int, float]] = {}
+_LAST_REPORT: dict[str, float] = {}
+
+
 async def _watched(coro, shown_url: str, timeout_s: float, stall_report_s: float | None):
-    """Await `coro`, reporting on stderr while it waits longer than stall_report_s."""
+    """Await `coro`; while it waits longer than stall_report_s, it counts in its URL's line
+    '[ets] waiting on URL: N requests unanswered, the longest for S s' (at most one a period)."""
     if stall_report_s is None or stall_report_s >= timeout_s:
         return await coro
     task = asyncio.ensure_future(coro)
-    t0, wait = time.monotonic(), stall_report_s
+    t0 = time.monotonic()
+    waiting = _WAITING.setdefault(shown_url, {})
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=wait)
-            if done:
-                return task.result()
-            _report(f"[ets] waiting on {shown_url}: no answer for {time.monotonic() - t0:.0f} s "
-                    f"(request timeout {timeout_s:.0f} s; --request-timeout changes it)")
-            wait = stall_report_s * 4
+        done, _ = await asyncio.wait({task}, timeout=stall_report_s)
+        while not done:
+            waiting[id(task)] = t0
+            now = time.monotonic()
+            if now - _LAST_REPORT.get(shown_url, 0.0) >= stall_report_s:
+                _LAST_REPORT[shown_url] = now
+                _report(f"[ets] waiting on {shown_url}: {len(waiting)} request(s) unanswered, the longest for "
+                        f"{now - min(waiting.values()):.0f} s (request timeout {timeout_s:.0f} s; "
+                        "--request-timeout changes it)")
+            done, _ = await asyncio.wait({task}, timeout=stall_report_s)
+        return task.result()
     finally:
+        waiting.pop(id(task), None)
         if not task.done():
             task.cancel()
 
