@@ -1,7 +1,7 @@
 """Data sets and grading.
 
     from ets.tasks import load_dataset, grade
-    task, problems = load_dataset("gsm8k", limit=5)            # bundled: "gsm8k", "math500"
+    task, problems = load_dataset("gsm8k", limit=5)  # bundled: "gsm8k", "gsm8k-train", "math500"
     task, problems = load_dataset("my.jsonl", question_field="q", answer_field="a", id_field="id")
     task.prompt(problems[0])        # question + "put your final answer within \\boxed{}"
     task.grade("\\frac12", "0.5")   # math-verify equivalence (GSM8K: numeric normalisation first)
@@ -20,12 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ets.tasks import gsm8k, math500
+from ets.tasks import gsm8k, gsm8k_train, math500
 from ets.tasks.base import BOXED_INSTRUCTION, DatasetError, Problem, Task
 from ets.tasks.grading import equivalent, gsm8k_gold, normalize_number
 from ets.tasks.jsonl import read_jsonl
 
-BUILTIN = {"gsm8k": gsm8k, "math500": math500}
+BUILTIN = {"gsm8k": gsm8k, "gsm8k-train": gsm8k_train, "math500": math500}
 
 
 def grade(answer: str | None, gold: str, numeric: bool = False) -> bool:
