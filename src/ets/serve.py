@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--kv-cache-gb", type=int, default=2, help="KV cache GiB (CPU build)")
-    ap.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: a multiple of 32)")
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="KV block size in tokens (default 32, the smallest the CPU build takes: prefix-cache hits "
+                         "come in whole blocks, and a tree's requests differ from their parent's in the last block)")
     ap.add_argument("--venv", default=None, help="vLLM venv (default $ETS_VLLM_VENV or ~/.cache/ets/venv-vllm)")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 where the CPU has AVX512-BF16 "
