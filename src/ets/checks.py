@@ -112,7 +112,13 @@ def _check_prm(spec: str) -> None:
     if sep and kind in ("math-shepherd", "qwen-prm") and path:
         _check_model_dir(Path(path).expanduser(), "--prm", spec)
         return
-    raise BadInput(f"--prm {spec}: unknown PRM; use default, mock, math-shepherd:PATH, qwen-prm:PATH or http://URL")
+    if sep and kind == "learned" and path:
+        file = Path(path.partition("?")[0]).expanduser()
+        if not file.is_file():
+            raise BadInput(f"--prm {spec}: no file {file}; make one with `ets train-prm`")
+        return
+    raise BadInput(f"--prm {spec}: unknown PRM; use default, mock, math-shepherd:PATH, qwen-prm:PATH, "
+                   "learned:PATH or http://URL")
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:

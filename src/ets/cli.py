@@ -1,4 +1,4 @@
-"""`ets` command line: run | compare | score | view | info | serve (see docs/harness.md).
+"""`ets` command line: run | compare | score | view | info | serve | train-prm (see docs/harness.md).
 
 Flags mirror the frozen config dataclasses (SamplingConfig, SearchConfig + strategy configs,
 RunConfig); every value is validated by them before any problem starts. Exit status: 0 all
@@ -83,7 +83,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
-    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve}")
+    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve,train-prm}")
     r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 2 GSM8K problems, "
                                    "256 tokens per trajectory: the few-minute CPU job)")
     r.add_argument("--strategy", default="ets", help="ets | rebase | beam | dvts | best_of_n (default ets)")
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, device, models found")
     i.add_argument("--json", action="store_true")
     sub.add_parser("serve", help="start the serving front end (ets.serve)", add_help=False)
+    t = sub.add_parser("train-prm", help="learn a PRM from the policy's own best-of-N rollouts on GSM8K train "
+                                         "(resumable run directory; --prm learned:FILE uses it; ets.prm.train)")
+    _add_common(t)
+    from ets.prm.train import add_arguments
+
+    add_arguments(t)
     return p
 
 
@@ -419,6 +425,12 @@ def cmd_view(a) -> int:
     return 0
 
 
+def cmd_train_prm(a) -> int:
+    from ets.prm.train import command
+
+    return command(a)
+
+
 def cmd_info(a) -> int:
     import importlib.util
     import os
@@ -477,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd is None:
         a = parser.parse_args(["run"])
     a.argv = argv
-    verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info}
+    verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info,
+             "train-prm": cmd_train_prm}
     from ets.factory import SpecError
     from ets.models import ModelNotFound
     from ets.runs import RunMismatch

@@ -10,6 +10,9 @@
         "mock"                    -> ets.prm.mock.MockPRM(seed=opts["seed"])
         "math-shepherd:PATH"      -> ets.prm.math_shepherd.MathShepherdPRM(PATH)
         "qwen-prm:PATH"           -> ets.prm.qwen_prm.QwenPRM(PATH)
+        "learned:PATH[?any_policy=1]" -> ets.prm.learned.LearnedPRM(PATH, policy=policy, any_policy=...)
+                                     (a file from `ets train-prm`; refused for another policy
+                                     unless ?any_policy=1)
         "http://..."              -> ets.prm.served.ServedPRM(url)
 
 Model modules are imported only when asked for: a mock run needs no torch import. Options that
@@ -79,8 +82,21 @@ def make_prm(spec: str | None, policy=None, **opts):
     if _is_url(spec):
         return _call("ets.prm.served.ServedPRM", spec, **opts)
     kind, sep, path = spec.partition(":")
+    if kind == "learned" and path:
+        return _learned(path, policy)
     targets = {"math-shepherd": "ets.prm.math_shepherd.MathShepherdPRM", "qwen-prm": "ets.prm.qwen_prm.QwenPRM"}
     if sep and kind in targets and path:
         return _call(targets[kind], path, **opts)
-    raise SpecError(f"unknown PRM spec {spec!r}; use default, mock, math-shepherd:PATH, qwen-prm:PATH "
-                    "or an http(s):// URL")
+    raise SpecError(f"unknown PRM spec {spec!r}; use default, mock, math-shepherd:PATH, qwen-prm:PATH, "
+                    "learned:PATH or an http(s):// URL")
+
+
+def _learned(path: str, policy):
+    """learned:PATH[?any_policy=1|0]: the file of `ets train-prm`, checked against `policy`."""
+    from urllib.parse import parse_qsl
+
+    path, _, query = path.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True))
+    if set(opts) - {"any_policy"} or opts.get("any_policy", "0") not in ("0", "1"):
+        raise SpecError(f"learned:{path}?{query}: the only option is any_policy=1 (use the file with any policy)")
+    return _call("ets.prm.learned.LearnedPRM", path, policy=policy, any_policy=opts.get("any_policy") == "1")

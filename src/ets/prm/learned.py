@@ -1,0 +1,244 @@
+"""A PRM learned from the policy's own rollouts (`ets train-prm`, made by ets.prm.train).
+
+What it is: a logistic-regression value head over cheap features of a solution prefix. The
+score of step i of a path is the estimated probability that a solution through steps 1..i ends
+with the right answer (an outcome-supervised value model; with Math-Shepherd labels, the
+estimated share of completions from that prefix that reach the gold answer).
+
+Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1:
+    e(q), e(p), e(q) * e(p)     e = the embedder (MiniLM, or the hashed bag of words for tests),
+                                p = the last `tail_chars` characters of steps 1..i joined;
+    STAT_NAMES                  the policy's token log-prob statistics of step i and of the
+                                prefix, depth, token counts, whether step i states a final answer,
+                                and the arithmetic checks of ets.prm.default over steps 1..i.
+
+The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] and `meta`, a JSON
+string: {"format", "kind", "policy" (policy_identity of the policy it was trained on),
+"features" {"version", "embedder", "embedder_name", "tail_chars", "stats", "dim"}, "labels",
+"data", "fit", "heldout", "train"}. Loaded without pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ets.prm.base import PRMError, RewardModel, ScoreRequest
+
+FORMAT = 1
+KIND = "ets-learned-prm"
+FEATURES_VERSION = 1
+STAT_NAMES = ("last_lp_mean", "last_lp_min", "last_lp_std", "last_tokens_log", "path_lp_mean",
+              "path_step_lp_min", "has_logprobs", "depth_log", "path_tokens_log", "final_answer",
+              "arith_right_log", "arith_wrong_log", "arith_wrong_any")
+
+
+class PolicyMismatch(ValueError):
+    """A learned PRM file made for another policy than the one it is asked to score for."""
+
+
+def policy_identity(policy) -> str:
+    """The model a policy samples from, as a learned PRM records it: the model's folder or file
+    name, so that the same model embedded (`hf:<name>`) or served by vLLM (served id = a path or
+    a hub name) matches; "mock" for the mock policy; otherwise the policy's `name`."""
+    name = str(getattr(policy, "name", "?"))
+    if name.startswith("hf:"):
+        return name[3:]
+    if name.startswith("server"):
+        model = getattr(policy, "model", None)
+        if model is None:  # the served model's id, asked from the first server's /v1/models
+            model = policy._model_name_sync(policy.servers[0])
+        return Path(str(model).rstrip("/")).name
+    return name
+
+
+def _stats(steps: Sequence[tuple[str, Sequence[float] | None]]) -> np.ndarray:
+    """STAT_NAMES of the prefix `steps` [(text, token log-probs or None), ...] (non-empty)."""
+    from ets.extract import has_final_answer
+    from ets.prm.default import check_arithmetic
+
+    text, lps = steps[-1]
+    last = np.asarray(lps if lps else [], float)
+    all_lps = [x for _, s in steps if s for x in s]
+    step_means = [float(np.mean(s)) for _, s in steps if s]
+    right = wrong = 0
+    for t, _ in steps:
+        c, e = check_arithmetic(t)
+        right, wrong = right + c, wrong + e
+    has = bool(len(last))
+    return np.array([
+        last.mean() if has else 0.0, last.min() if has else 0.0, last.std() if has else 0.0,
+        math.log1p(len(lps or ())), float(np.mean(all_lps)) if all_lps else 0.0,
+        min(step_means) if step_means else 0.0, float(has), math.log1p(len(steps)),
+        math.log1p(sum(len(s or ()) for _, s in steps)), float(has_final_answer(text)),
+        math.log1p(right), math.log1p(wrong), float(wrong > 0)], np.float64)
+
+
+class Features:
+    """Feature rows of solution prefixes (see the module docstring). `embedder`: a key of
+    ets.cluster.EMBEDDERS ("minilm" | "hash"). Question embeddings are cached by text."""
+
+    def __init__(self, embedder: str = "minilm", tail_chars: int = 1000):
+        from ets.cluster import make_embedder
+
+        self.embedder_key, self.tail_chars = embedder, tail_chars
+        self.embedder = make_embedder(embedder)
+        self._questions: dict[str, np.ndarray] = {}
+
+    def describe(self) -> dict:
+        return {"version": FEATURES_VERSION, "embedder": self.embedder_key, "embedder_name": self.embedder.name,
+                "tail_chars": self.tail_chars, "stats": list(STAT_NAMES)}
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        e = np.asarray(self.embedder.embed(texts), np.float64)
+        n = np.linalg.norm(e, axis=1, keepdims=True)
+        return e / np.where(n == 0, 1.0, n)  # unit rows: e(q) * e(p) sums to their cosine
+
+    def rows(self, questions: Sequence[str], prefixes: Sequence[Sequence[tuple[str, Sequence[float] | None]]],
+             batch: int = 256) -> np.ndarray:
+        """[N, D] float32, row n for prefix `prefixes[n]` (non-empty list of (step text, log-probs))
+        of question `questions[n]`."""
+        if len(questions) != len(prefixes):
+            raise ValueError("one question per prefix")
+        new = sorted({q for q in questions if q not in self._questions})
+        for i in range(0, len(new), batch):
+            for q, e in zip(new[i:i + batch], self._embed(new[i:i + batch])):
+                self._questions[q] = e
+        out = []
+        for i in range(0, len(prefixes), batch):
+            chunk = prefixes[i:i + batch]
+            p = self._embed(["".join(t for t, _ in steps)[-self.tail_chars:] or " " for steps in chunk])
+            q = np.stack([self._questions[x] for x in questions[i:i + batch]])
+            s = np.stack([_stats(steps) for steps in chunk])
+            out.append(np.hstack([q, p, q * p, s]).astype(np.float32))
+        if not out:
+            return np.zeros((0, 0), np.float32)
+        return np.vstack(out)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))  # stable for any z
+
+
+def save(path: str | Path, weight, bias: float, mean, scale, meta: dict) -> Path:
+    """Write the one-file PRM (atomically: a reader sees the old file or the whole new one)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "kind": KIND, **meta}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, weight=np.asarray(weight, np.float64), bias=np.array([bias], np.float64),
+                 mean=np.asarray(mean, np.float64), scale=np.asarray(scale, np.float64),
+                 meta=np.array(json.dumps(meta, default=float)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | Path) -> tuple[dict, dict]:
+    """(arrays, meta) of a learned PRM file; ValueError naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"learned PRM file {path} not found; make one with `ets train-prm`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("weight", "bias", "mean", "scale")}
+            meta = json.loads(str(z["meta"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a learned PRM file (ets train-prm): {e}") from e
+    if meta.get("kind") != KIND or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a learned PRM file of format {FORMAT} (kind {meta.get('kind')!r}, "
+                         f"format {meta.get('format')!r})")
+    if meta.get("features", {}).get("version") != FEATURES_VERSION:
+        raise ValueError(f"{path} uses features version {meta.get('features', {}).get('version')}; this ets "
+                         f"computes version {FEATURES_VERSION}: retrain it with `ets train-prm`")
+    d = len(arrays["weight"])
+    if arrays["mean"].shape != (d,) or arrays["scale"].shape != (d,) or arrays["bias"].shape != (1,):
+        raise ValueError(f"{path}: array shapes do not match (weight {d})")
+    return arrays, meta
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
+class LearnedPRM(RewardModel):
+    """The PRM in a file made by `ets train-prm` (see the module docstring).
+
+    policy: the policy the search samples from; when given, its policy_identity must be the one
+    the file was trained for, else PolicyMismatch (any_policy=True: use it anyway). Scores are in
+    (0, 1); the score of a prefix depends only on the question and that prefix, so each node's
+    is computed once and reused for every longer path through it (a per-node cache)."""
+
+    def __init__(self, path: str | Path, policy=None, any_policy: bool = False):
+        self.path = Path(path)
+        arrays, self.meta = load(self.path)
+        self.weight, self.bias = arrays["weight"], float(arrays["bias"][0])
+        self.mean, self.scale = arrays["mean"], arrays["scale"]
+        trained_for = self.meta.get("policy")
+        if policy is not None and not any_policy:
+            used = policy_identity(policy)
+            if used != trained_for:
+                raise PolicyMismatch(
+                    f"learned PRM {self.path} was trained for policy {trained_for!r}, not {used!r} (this run's "
+                    f"policy); train one for it with `ets train-prm --policy ...`, or pass "
+                    f"learned:{self.path}?any_policy=1 to use it anyway")
+        f = self.meta["features"]
+        self.features = Features(f["embedder"], f["tail_chars"])
+        if self.features.embedder.name != f.get("embedder_name", self.features.embedder.name):
+            raise ValueError(f"{self.path} was made with embedder {f['embedder_name']!r}, this one is "
+                             f"{self.features.embedder.name!r}")
+        self.name = f"learned:{self.path.name}@{file_digest(self.path)}"
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ets-learned-prm")
+        self.calls = self.paths = self.computed = 0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Scores of feature rows [N, D] (from Features.rows)."""
+        if x.shape[1] != len(self.weight):
+            raise PRMError(f"{self.path}: feature rows have {x.shape[1]} columns, the file {len(self.weight)}")
+        return sigmoid(((x - self.mean) / self.scale) @ self.weight + self.bias)
+
+    def _compute(self, questions: list[str], nodes: list) -> list[float]:
+        prefixes = [[(n.text, n.logprobs) for n in node.path()] for node in nodes]
+        return [float(s) for s in self.predict(self.features.rows(questions, prefixes))]
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        self.calls += 1
+        self.paths += len(requests)
+        todo: dict = {}  # node -> question, every prefix node not scored yet (in order)
+        for req in requests:
+            for node in req.node.path():
+                if node not in self._cache and node not in todo:
+                    todo[node] = req.question
+        if todo:
+            nodes = list(todo)
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._compute, [todo[n] for n in nodes], nodes)
+            self.computed += len(nodes)
+            for node, s in zip(nodes, scores):
+                if not math.isfinite(s):
+                    raise PRMError(f"learned PRM gave no finite score for node {node.id}: {s!r}")
+                self._cache[node] = s
+        return [[self._cache[n] for n in req.node.path()] for req in requests]
+
+    def stats(self) -> dict:
+        return {"prm_calls": self.calls, "prm_paths": self.paths, "prm_prefixes_computed": self.computed}
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,283 @@
+"""The learned PRM (ets.prm.learned, ets.prm.train, `ets train-prm`, `--prm learned:PATH`), with
+mock policies and the hashed bag-of-words embedder (no model is loaded)."""
+
+import asyncio
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+
+import ets.cli as cli
+import ets.factory
+from ets.engines.base import DELIMITER, EOS, Step
+from ets.engines.mock import MockPolicy, tokenize
+from ets.prm import learned, train
+from ets.prm.base import ScoreRequest
+from ets.runs import RunDir
+from ets.tasks import Task
+from ets.tree import ANSWER, CAP, Tree
+from ets.treeio import tree_to_dict
+
+MOCK = ["--policy", "mock", "--embedder", "hash", "--no-progress"]
+TASK = Task("toy", numeric=True)
+
+
+class PlantedPolicy(MockPolicy):
+    """Step 1 is "Plan: careful" or "Plan: quick" (half each); step 2 computes; step 3 boxes 42
+    (the gold) with probability 0.9 after a careful plan, 0.1 after a quick one, else 7. So the
+    outcome is readable from the first step on: the signal a value model should find."""
+
+    name = "planted"
+
+    def _draw(self, node, k):
+        key = hashlib.blake2b(repr((self.seed, node.path_token_ids(), k)).encode(), digest_size=8).digest()
+        return random.Random(key)
+
+    async def expand(self, requests, sampling):
+        self.calls += 1
+        out = []
+        for req in requests:
+            steps, depth, path = [], req.node.depth + 1, "".join(req.node.step_texts())
+            for k in range(req.n):
+                rng = self._draw(req.node, k)
+                if depth == 1:
+                    text = f"Plan: {'careful' if rng.random() < 0.5 else 'quick'} work on it"
+                elif depth == 2:
+                    text = f"Compute {rng.randint(1, 9)} times {rng.randint(1, 9)}"
+                else:
+                    p = 0.9 if "careful" in path else 0.1
+                    text = f"So the answer is \\boxed{{{42 if rng.random() < p else 7}}}"
+                text += sampling.step_delimiter
+                ids = tokenize(text)
+                steps.append(Step(tuple(ids), text, EOS if depth >= 3 else DELIMITER,
+                                  tuple(-rng.random() for _ in ids)))
+            out.append(steps)
+        return out
+
+
+@pytest.fixture
+def toy(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: {i} + {42 - i}?", "answer": "42"})
+                            + "\n" for i in range(30)))
+    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs"), "--limit", "0"]
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    import ets.checks
+
+    real, check = ets.factory.make_policy, ets.checks._check_policy
+    monkeypatch.setattr(ets.checks, "_check_policy", lambda spec: None if spec == "planted" else check(spec))
+    monkeypatch.setattr(ets.factory, "make_policy",
+                        lambda spec, **kw: PlantedPolicy(seed=kw.get("seed", 0)) if spec == "planted" else real(spec, **kw))
+
+
+def _train(toy, tmp_path, *extra):
+    out = tmp_path / "prm.npz"
+    rc = cli.main(["train-prm", "--policy", "planted", "--embedder", "hash", "--no-progress", *toy,
+                   "--samples", "8", "--l2", "0.01", "--holdout", "0.3", "--out", str(out), *extra])
+    return rc, out
+
+
+# -- labels --------------------------------------------------------------------------------------
+
+def _record():
+    """root -> a -> b (boxes 42: right), a -> c (boxes 7: wrong); root -> d (token cap)."""
+    tree = Tree([1, 2], "prompt")
+    a = tree.add_child(tree.root, [3], "Plan\n\n", DELIMITER, [-0.1])
+    b = tree.add_child(a, [4], "so \\boxed{42}", EOS, [-0.2])
+    c = tree.add_child(a, [5], "so \\boxed{7}", EOS, [-0.3])
+    d = tree.add_child(tree.root, [6], "and on and on", "length", [-0.4])
+    b.finish = c.finish = ANSWER
+    d.finish = CAP
+    for n, s in ((a, 0.5), (b, 0.9), (c, 0.2), (d, 0.1)):
+        n.score = s
+    return {"id": "p", "prompt": "Q?", "gold": "42", "tree": tree_to_dict(tree)}, (a, b, c, d)
+
+
+def test_outcome_labels_spread_over_prefixes():
+    rec, (a, b, c, d) = _record()
+    ex = train.examples_from_records([rec], TASK)
+    assert ex.label == [0.5, 1.0, 0.0, 0.0]  # a: one of its two rollouts right; the cap counts as wrong
+    assert ex.final == [False, True, True, False]
+    assert ex.answer == [None, "42", "7", None]
+    assert ex.path == [[0], [0, 1], [0, 2], [3]]
+    assert ex.prefix[1] == [("Plan\n\n", [-0.1]), ("so \\boxed{42}", [-0.2])]
+    assert ex.question == ["Q?"] * 4 and ex.rollout_score == [0.5, 0.9, 0.2, 0.1]
+
+
+def test_math_shepherd_labels_from_completions():
+    rec, (a, *_) = _record()
+    mc = {"p": {str(a.id): [1, 4]}}
+    assert train.examples_from_records([rec], TASK, "mc-soft", mc).label == [0.25, 1.0, 0.0, 0.0]
+    assert train.examples_from_records([rec], TASK, "mc-hard", mc).label == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="no saved completions"):
+        train.examples_from_records([rec], TASK, "mc-soft", {"p": {}})
+    with pytest.raises(ValueError, match="no saved completions"):
+        train.examples_from_records([rec], TASK, "mc-soft", {})
+
+
+def test_completions_count_right_answers_and_skip_the_rollouts_own_step():
+    from ets.config import SamplingConfig, SearchConfig
+
+    policy = PlantedPolicy()
+    tree = Tree(*policy.format_prompt("Q?"))
+    careful = tree.add_child(tree.root, tokenize("Plan: careful\n\n"), "Plan: careful\n\n", DELIMITER)
+    quick = tree.add_child(tree.root, tokenize("Plan: quick\n\n"), "Plan: quick\n\n", DELIMITER)
+    cfg = SearchConfig(strategy="best_of_n", width=1, sampling=SamplingConfig(step_delimiter="\n\n"))
+    asked, expand = [], policy.expand
+
+    async def recording(requests, sampling):
+        asked.append([(r.node.id, r.n) for r in requests])
+        return await expand(requests, sampling)
+
+    policy.expand = recording
+    counts, tokens = asyncio.run(train.complete(policy, tree, [careful, quick], 40, cfg, TASK, "42"))
+    assert counts[careful.id][1] == counts[quick.id][1] == 40 and tokens > 0
+    assert counts[careful.id][0] >= 28 and counts[quick.id][0] <= 12  # 0.9 vs 0.1 of 40
+    # k + 1 asked, the first (the rollout's own next step under seeded sampling) dropped
+    assert asked[0] == [(careful.id, 41), (quick.id, 41)] and len(careful.children) == 40
+    assert len(asked) == 2 and all(n == 1 for _, n in asked[1])  # then one step at a time (depth 2 -> 3)
+
+
+def test_holdout_split_is_by_problem_and_stable():
+    ids = [f"gsm8k-train-{i}" for i in range(2000)]
+    held = [train.in_holdout(i, 0.2) for i in ids]
+    assert held == [train.in_holdout(i, 0.2) for i in reversed(ids)][::-1]
+    assert 0.17 < sum(held) / len(ids) < 0.23
+    assert held != [train.in_holdout(i, 0.2, seed=1) for i in ids]
+
+
+def test_fit_logistic_recovers_a_planted_direction_with_soft_labels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    p = 1 / (1 + np.exp(-2 * x[:, 0]))
+    w, b, mean, scale, info = train.fit_logistic(x, p, 1e-3)  # soft labels
+    assert info["converged"] and np.argmax(np.abs(w)) == 0 and w[0] > 0
+    pred = train._predict(x, w, b, mean, scale)
+    assert np.corrcoef(pred, p)[0, 1] > 0.95
+
+
+# -- training end to end, save/load, refusal -----------------------------------------------------
+
+def test_train_prm_learns_the_planted_signal_and_round_trips(toy, tmp_path, planted, capsys):
+    rc, out = _train(toy, tmp_path, "--json")
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads(capsys.readouterr().out)
+    arrays, saved = learned.load(out)
+    assert saved == json.loads(json.dumps(meta))  # the file holds what was printed
+    assert saved["policy"] == "planted" and saved["labels"]["scheme"] == "outcome"
+    assert saved["features"]["embedder"] == "hash" and saved["features"]["dim"] == len(arrays["weight"])
+    h, t = saved["heldout"], saved["train"]
+    assert h["problems"] + t["problems"] == 30 and len(h["ids"]) == h["problems"] > 0
+    assert h["auroc_final"] > 0.9 and h["auroc_prefix"] > 0.75  # outcome readable from step 1 on
+    assert t["generated_tokens"] > 0 and t["prefixes"] > 0 and t["total_s"] >= t["fit_s"] > 0
+    # loaded: the same scores; a careful plan is worth more than a quick one, on an unseen question
+    prm = learned.LearnedPRM(out, policy=PlantedPolicy())
+    tree = Tree([1], "unseen problem 99: 1 + 41?")
+    good = tree.add_child(tree.root, [2], "Plan: careful work on it\n\n", DELIMITER, [-0.5] * 6)
+    bad = tree.add_child(tree.root, [3], "Plan: quick work on it\n\n", DELIMITER, [-0.5] * 6)
+    [[sg], [sb]] = asyncio.run(prm.score([ScoreRequest("unseen problem 99: 1 + 41?", n) for n in (good, bad)]))
+    assert 0 < sb < sg < 1
+    row = prm.features.rows(["unseen problem 99: 1 + 41?"], [[(good.text, good.logprobs)]])
+    assert prm.predict(row)[0] == pytest.approx(sg)
+
+
+def test_learned_prm_scores_every_step_once_per_node(toy, tmp_path, planted):
+    rc, out = _train(toy, tmp_path)
+    assert rc == 0
+    prm = learned.LearnedPRM(out, policy=PlantedPolicy())
+    tree = Tree([1], "q")
+    a = tree.add_child(tree.root, [2], "Plan: careful\n\n", DELIMITER, [-0.1])
+    b = tree.add_child(a, [3], "Compute 2 times 3\n\n", DELIMITER, [-0.2])
+    c = tree.add_child(a, [4], "Compute 4 times 5\n\n", DELIMITER, None)  # no log-probs: still scored
+    [sb, sc] = asyncio.run(prm.score([ScoreRequest("q", b), ScoreRequest("q", c)]))
+    assert len(sb) == len(sc) == 2 and sb[0] == sc[0] and all(0 < s < 1 for s in sb + sc)
+    assert prm.stats()["prm_prefixes_computed"] == 3  # a, b, c: a once
+    asyncio.run(prm.score([ScoreRequest("q", b)]))
+    assert prm.stats()["prm_prefixes_computed"] == 3
+
+
+def test_refuses_a_file_made_for_another_policy(toy, tmp_path, planted, capsys):
+    _, out = _train(toy, tmp_path)
+    with pytest.raises(learned.PolicyMismatch, match="trained for policy 'planted', not 'mock'"):
+        ets.factory.make_prm(f"learned:{out}", MockPolicy())
+    assert isinstance(ets.factory.make_prm(f"learned:{out}?any_policy=1", MockPolicy()), learned.LearnedPRM)
+    with pytest.raises(ets.factory.SpecError, match="any_policy"):
+        ets.factory.make_prm(f"learned:{out}?anypolicy=1", MockPolicy())
+    capsys.readouterr()
+    assert cli.main(["run", *MOCK, *toy, "--prm", f"learned:{out}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'planted'" in err and "'mock'" in err and "any_policy=1" in err
+    assert cli.main(["run", *MOCK, *toy, "--prm", f"learned:{tmp_path / 'nope.npz'}"]) == 2
+    assert "ets train-prm" in capsys.readouterr().err
+
+
+def test_not_a_prm_file_is_refused(tmp_path):
+    bad = tmp_path / "x.npz"
+    np.savez(bad, weight=np.zeros(3))
+    with pytest.raises(ValueError, match="not a learned PRM file"):
+        learned.load(bad)
+    learned.save(tmp_path / "y.npz", np.zeros(3), 0.0, np.zeros(3), np.ones(3),
+                 {"policy": "mock", "features": {"version": learned.FEATURES_VERSION + 1}})
+    with pytest.raises(ValueError, match="retrain"):
+        learned.load(tmp_path / "y.npz")
+
+
+def test_ets_run_with_the_learned_prm_end_to_end(toy, tmp_path, capsys):
+    """Mock policy: its right answers box 42, so the file learns that; then `ets run` uses it."""
+    out = tmp_path / "mock.npz"
+    assert cli.main(["train-prm", *MOCK, *toy, "--samples", "6", "--l2", "0.01", "--out", str(out)]) == 0
+    assert learned.load(out)[1]["policy"] == "mock"
+    capsys.readouterr()
+    assert cli.main(["run", *MOCK, *toy, "--limit", "3", "--strategy", "rebase", "--width", "4",
+                     "--prm", f"learned:{out}", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prm"] == f"learned:{out}" and summary["problems"] == 3
+    d = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("rebase-w4"))
+    rec = json.loads(next((d / "problems").glob("*.json")).read_text())
+    assert rec["prm"].startswith("learned:mock.npz@")
+    scored = [n for n in rec["tree"]["nodes"] if n["parent"] is not None]
+    assert scored and all(0 < n["score"] < 1 for n in scored)
+
+
+def test_rollouts_resume_and_nothing_is_fitted_until_all_are_in(toy, tmp_path, planted, monkeypatch, capsys):
+    import ets.runner
+
+    real = ets.runner.search
+
+    async def failing(prompt, *args, **kw):
+        if "problem 2:" in prompt:
+            raise RuntimeError("server went away")
+        return await real(prompt, *args, **kw)
+
+    monkeypatch.setattr(ets.runner, "search", failing)
+    rc, out = _train(toy, tmp_path)
+    assert rc == 1 and not out.exists()
+    assert "no PRM was fitted" in capsys.readouterr().err
+    monkeypatch.setattr(ets.runner, "search", real)
+    rc, out = _train(toy, tmp_path)
+    assert rc == 0 and out.exists()
+    assert "29 problems already done" in capsys.readouterr().err
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    sessions = RunDir(d).sessions()
+    assert [s["computed"] for s in sessions] == [29, 1]
+    rc, _ = _train(toy, tmp_path)  # all in: nothing sampled again, the same file
+    assert rc == 0 and RunDir(d).sessions()[-1]["computed"] == 0
+
+
+def test_math_shepherd_training_saves_and_reuses_completions(toy, tmp_path, planted, capsys):
+    rc, out = _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3", "--json")
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["labels"] == {"scheme": "mc-soft", "mc_k": 3, "meaning": meta["labels"]["meaning"]}
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    saved = sorted((d / "mc-k3").glob("*.json"))
+    assert len(saved) == 30
+    before = [f.stat().st_mtime_ns for f in saved]
+    assert meta["heldout"]["auroc_prefix"] > 0.75
+    rc, _ = _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3")
+    assert rc == 0 and [f.stat().st_mtime_ns for f in saved] == before  # resumed: none recomputed
