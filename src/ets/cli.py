@@ -355,7 +355,7 @@ def cmd_compare(a) -> int:
                          "top_p": a.top_p, "kv_capacity": rc.kv_capacity, "in_flight per chunk": rc.concurrency,
                          "schedule": "chunks of C problems, config order rotating per chunk"},
             "methods": a.methods, "widths": a.widths, "run_dirs": [str(arm.run.path) for arm in arms]}
-    text = record.write_report(out, rows, meta, a.note)
+    text = record.write_report(out, rows, meta, _analyses(shown, ids, a.note, rc.agg))
     files = [out / f for f in record_plots(rows, out, f"{rc.dataset}, {rc.policy}")] if rows else []
     plot = plot_compare(rows, a.plot or out / "widths.png") if rows else None
     if a.json:
@@ -366,6 +366,23 @@ def cmd_compare(a) -> int:
         print(f"written: {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(map(str, files)))
         print(f"plot: {plot}\nrun dirs: " + ", ".join(str(arm.run.path) for arm in arms))
     return rc_exit
+
+
+def _analyses(arms, ids: list[str], note: str, agg: str) -> str:
+    """results.md's sections after the table: the note, answer selection under every rule
+    (ets.report.prm_worth) and what each strategy did per depth (ets.report.depth)."""
+    from ets.report.depth import runs_depth_markdown
+    from ets.report.prm_worth import rules_markdown
+
+    wanted = set(ids)
+    recs = []
+    for arm in arms:
+        by_id = {r["id"]: r for r in arm.run.iter_problems() if r["id"] in wanted}
+        recs.append((arm.key, [by_id[i] for i in ids if i in by_id]))
+    parts = [note] if note else []
+    if any(r for _, r in recs):
+        parts += [rules_markdown(recs, agg), runs_depth_markdown(recs)]
+    return "\n\n".join(parts)
 
 
 def score_run(run_dir: str | Path, vote: str = "weighted", agg: str = "last") -> dict:

@@ -121,3 +121,28 @@ def worth_markdown(w: dict) -> str:
               f"within problem (mean over the {w['auroc_within_problems']} problems with both right and wrong "
               f"solutions) {f(w['auroc_within_mean'])}."]
     return "\n".join(lines)
+
+
+def rules_markdown(arms: list[tuple[str, list[dict]]], agg: str = "last", draws: int = 16) -> str:
+    """Every method's accuracy under every selection rule on the same problems, with the AUROCs:
+    whether the PRM's weighting beats a plain majority (and chance) for each search."""
+    lines = ["## Answer selection", "",
+             f"Each method's saved trees re-scored under every rule (step scores aggregated by `{agg}`; "
+             f"random: mean of {draws} uniform score draws per problem; oracle: any solution right).", "",
+             "| method | n | PRM-weighted | majority | PRM-best | random scores | oracle | AUROC pooled | AUROC within |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for label, recs in arms:
+        per = [problem_worth(r, agg, draws) for r in recs]
+        n = len(per)
+        acc = {rule: (sum(p[rule] for p in per) / n if n else None) for rule in RULES}
+        pairs = [pr for p in per for pr in p["pairs"]]
+        within = [a for a in (auroc([s for s, _ in p["pairs"]], [y for _, y in p["pairs"]]) for p in per)
+                  if a is not None]
+        lines.append(f"| {label} | {n} | " + " | ".join(f(acc[r]) for r in RULES) +
+                     f" | {f(auroc([s for s, _ in pairs], [y for _, y in pairs]))}"
+                     f" | {f(sum(within) / len(within) if within else None)} |")
+    return "\n".join(lines)
