@@ -230,3 +230,20 @@ def test_factory_dispatch(monkeypatch):
     assert type(f.make_policy("mock", seed=5)).__name__ == "MockPolicy"
     with pytest.raises(f.SpecError, match="unknown PRM spec"):
         f.make_prm("nonsense", None)
+
+
+def test_threads_default_follows_where_the_server_is(monkeypatch):
+    import argparse
+
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    ns = argparse.Namespace
+    assert cli._set_threads(ns(threads=None, policy="mock")) is None
+    assert cli._set_threads(ns(threads=None, policy="http://127.0.0.1:8000,http://localhost:8001")) == 1
+    assert cli._set_threads(ns(threads=None, policy="http://gpu-node:8000")) is None  # the server has its own cores
+    assert cli._set_threads(ns(threads=3, policy="http://127.0.0.1:8000")) == 3
+    assert calls == [1, 3]
+    with pytest.raises(ValueError, match="--threads"):
+        cli._set_threads(ns(threads=0, policy="mock"))

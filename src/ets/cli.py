@@ -72,6 +72,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--concurrency", type=int, default=1,
                    help="problems in flight at once (default 1; compare: the chunk size C)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process (embedder, local PRM, embedded engine); default: torch's "
+                        "own, or 1 when every --policy URL is on this machine, so the client leaves the cores to the server")
     g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     g.add_argument("--request-timeout", type=seconds, default=None, metavar="S",
                    help="seconds one server request may take (default: 120 + 1 per token asked for)")
@@ -177,6 +180,7 @@ def search_config(a, strategy: str, width: int, strict: bool = True):
 def _models(a, rc):
     from ets.factory import make_policy, make_prm
 
+    _set_threads(a)
     opts = {"seed": a.seed}
     if a.device:
         opts["device"] = a.device
@@ -188,6 +192,24 @@ def _models(a, rc):
     policy = make_policy(rc.policy, **opts)
     prm = make_prm(rc.prm, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
     return policy, prm
+
+
+def _set_threads(a) -> int | None:
+    """Apply --threads (see its help); returns the count set, None where torch's default stands."""
+    from urllib.parse import urlsplit
+
+    n = getattr(a, "threads", None)
+    if n is not None and n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    policy = str(getattr(a, "policy", "") or "")
+    if n is None and policy.startswith(("http://", "https://")):
+        if {urlsplit(u.strip()).hostname for u in policy.split(",")} <= {"127.0.0.1", "localhost", "::1"}:
+            n = 1
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+    return n
 
 
 async def _close(*objs) -> None:
