@@ -281,3 +281,12 @@ def test_math_shepherd_training_saves_and_reuses_completions(toy, tmp_path, plan
     assert meta["heldout"]["auroc_prefix"] > 0.75
     rc, _ = _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3")
     assert rc == 0 and [f.stat().st_mtime_ns for f in saved] == before  # resumed: none recomputed
+
+
+def test_evaluate_run_rescoring_saved_trees_matches_the_heldout_figures(toy, tmp_path, planted, capsys):
+    _, out = _train(toy, tmp_path, "--json")
+    h = json.loads(capsys.readouterr().out)["heldout"]
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    w = train.evaluate_run(out, d, ids=h["ids"])
+    for k in ("problems", "solutions", "auroc_final", "auroc_prefix", "acc_weighted", "acc_majority", "acc_oracle"):
+        assert w[k] == pytest.approx(h[k]), k

@@ -487,3 +487,28 @@ async def mc_completions(run, problems, task, policy, cfg, k: int, concurrency: 
         await asyncio.gather(*(one(p) for p in todo))
     finally:
         bar.close()
+
+
+# -- judging a learned PRM on saved trees of other problems (no generation) ----------------------
+
+def evaluate_run(prm_path, run_dir, ids=None) -> dict:
+    """heldout_figures of the learned PRM in `prm_path` on every saved problem of `run_dir` (or
+    those in `ids`), rescoring the saved trees: for a best-of-N run of test problems (its samples
+    do not depend on the PRM) this is the PRM's final-step AUROC and its weighted / best /
+    majority / any-correct accuracy, without generating anything. The policy check is the
+    caller's: the run's records name the policy by engine, not by model."""
+    import numpy as np
+
+    from ets.prm.learned import LearnedPRM
+    from ets.runs import RunDir
+    from ets.tasks import Task
+
+    prm = LearnedPRM(prm_path)
+    wanted = None if ids is None else set(ids)
+    records = [r for r in RunDir(run_dir).iter_problems() if wanted is None or r["id"] in wanted]
+    if not records:
+        raise ValueError(f"{run_dir} has no saved problems to judge the PRM on")
+    task = Task.from_dict(records[0]["task"])
+    ex = examples_from_records(records, task)
+    scores = prm.predict(prm.features.rows(ex.question, ex.prefix))
+    return {"prm": prm.name, "run": str(run_dir), **heldout_figures(ex, scores, np.ones(len(scores), bool), task)}
