@@ -290,3 +290,12 @@ def test_evaluate_run_rescoring_saved_trees_matches_the_heldout_figures(toy, tmp
     w = train.evaluate_run(out, d, ids=h["ids"])
     for k in ("problems", "solutions", "auroc_final", "auroc_prefix", "acc_weighted", "acc_majority", "acc_oracle"):
         assert w[k] == pytest.approx(h[k]), k
+
+
+def test_policy_identity_is_the_model_name_embedded_or_served():
+    from types import SimpleNamespace
+
+    served = SimpleNamespace(name="server:vllm", model="/models/Qwen2.5-Coder-0.5B-Instruct/")
+    embedded = SimpleNamespace(name="hf:Qwen2.5-Coder-0.5B-Instruct")
+    assert learned.policy_identity(served) == learned.policy_identity(embedded) == "Qwen2.5-Coder-0.5B-Instruct"
+    assert learned.policy_identity(MockPolicy()) == "mock"
