@@ -247,3 +247,32 @@ def test_threads_default_follows_where_the_server_is(monkeypatch):
     assert calls == [1, 3]
     with pytest.raises(ValueError, match="--threads"):
         cli._set_threads(ns(threads=0, policy="mock"))
+
+
+def test_option_vocabularies_have_one_source():
+    """Strategy flags are the strategies' Config fields; every choice a flag lists is one its
+    config accepts (and nothing else is listed); --vote/--agg list ets.answer's."""
+    from dataclasses import fields
+
+    from ets.answer import AGGREGATIONS, VOTES
+    from ets.strategies import STRATEGIES
+
+    parser = cli.build_parser()
+    run_parser = parser._subparsers._group_actions[0].choices["run"]
+    actions = {a.dest: a for a in run_parser._actions}
+    for cls in STRATEGIES.values():
+        for f in fields(cls.Config):
+            if f.name == "embedder":
+                continue
+            assert f.name in actions, f"{cls.name}'s {f.name} has no flag"
+            choices = actions[f.name].choices
+            if choices:
+                for c in choices:  # help and validation agree both ways
+                    cls.Config.for_width(4, **{f.name: c})
+                with pytest.raises(ValueError, match=f.name):
+                    cls.Config.for_width(4, **{f.name: "no-such-value"})
+    assert tuple(actions["solver"].choices) == ("auto", "milp")  # "exact" was listed, then refused
+    assert tuple(actions["vote"].choices) == VOTES and tuple(actions["agg"].choices) == AGGREGATIONS
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", *MOCK, "--solver", "exact"])
+    assert e.value.code == 2

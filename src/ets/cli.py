@@ -16,11 +16,49 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ets.answer import AGGREGATIONS, VOTES
 from ets.checks import BadInput, Parser, finite, safe, seconds, validate_run_args
 
-# strategy parameters exposed as flags: (flag dest, strategy-config field)
-STRATEGY_FLAGS = ["lambda_c", "lambda_s", "node_cost", "kv_budget", "softmax_temperature",
-                  "cluster_threshold", "solver", "overshoot"]
+# Strategy config fields that are not strategy flags: the embedder has its own run-level flag.
+NOT_STRATEGY_FLAGS = ("embedder",)
+
+
+def strategy_options() -> dict:
+    """Every strategy parameter exposed as a flag: field name -> (dataclasses.Field, its type,
+    the strategies that have it), from the strategies' Config classes (the one source of truth:
+    a new Config field made with ets.strategies.base.option becomes a flag)."""
+    import typing
+    from dataclasses import fields
+
+    from ets.strategies import STRATEGIES
+
+    out: dict = {}
+    for name, cls in STRATEGIES.items():
+        hints = typing.get_type_hints(cls.Config)
+        for f in fields(cls.Config):
+            if f.name not in NOT_STRATEGY_FLAGS:
+                out.setdefault(f.name, (f, hints[f.name], []))[2].append(name)
+    return out
+
+
+def _add_strategy_flags(g) -> None:
+    for name, (f, typ, owners) in strategy_options().items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', name)} [{', '.join(owners)}]"
+        if typ is bool:
+            g.add_argument(flag, action="store_true", default=None, help=help_)
+        elif f.metadata.get("choices"):
+            g.add_argument(flag, choices=list(f.metadata["choices"]), default=None, help=help_)
+        else:
+            base = next((t for t in typing_args(typ) if t is not type(None)), str)
+            g.add_argument(flag, type=finite if base is float else base, default=None, help=help_)
+
+
+def typing_args(typ) -> tuple:
+    """(int,) for int, (int, NoneType) for int | None."""
+    import typing
+
+    return typing.get_args(typ) or (typ,)
 
 
 def parse_delimiter(text: str) -> str:
@@ -33,6 +71,8 @@ def _csv(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from ets.cluster import EMBEDDERS
+
     g = p.add_argument_group("problems")
     g.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | path to a JSONL file (default gsm8k; "
                                                      "compare: a comma list runs each)")
@@ -45,7 +85,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--policy", default="default", help="default | mock | http://HOST:PORT[,...] | model dir/GGUF")
     g.add_argument("--prm", default="default", help="default | mock | math-shepherd:PATH | qwen-prm:PATH | http://URL")
-    g.add_argument("--embedder", default="minilm", help="ETS clustering embedder: minilm | hash")
+    g.add_argument("--embedder", default="minilm",
+                   help=f"ETS clustering embedder: {' | '.join(EMBEDDERS)} (default minilm)")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
     g.add_argument("--kv-capacity", type=int, default=None,
                    help="KV tokens the embedded engine may hold at once; beyond it a depth is decoded in waves (default unbounded)")
@@ -60,15 +101,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=finite, default=1.0)
     g.add_argument("--top-p", type=finite, default=1.0)
     g.add_argument("--kv-block-size", type=int, default=16)
-    g = p.add_argument_group("strategy parameters (only those the strategy has)")
-    g.add_argument("--lambda-c", type=finite, default=None, help="ETS node-cost weight (default 1.0)")
-    g.add_argument("--lambda-s", type=finite, default=None, help="ETS coverage weight (default: paper value for the width)")
-    g.add_argument("--node-cost", choices=["nodes", "tokens"], default=None, help="ETS node cost (default nodes)")
-    g.add_argument("--kv-budget", type=int, default=None, help="ETS hard cap on kept KV tokens")
-    g.add_argument("--softmax-temperature", type=finite, default=None, help="REBASE/ETS temperature (default 0.2)")
-    g.add_argument("--cluster-threshold", type=finite, default=None, help="ETS clustering cut (default 0.05)")
-    g.add_argument("--solver", choices=["auto", "exact", "milp"], default=None)
-    g.add_argument("--overshoot", action="store_true", default=None, help="beam: allow overshooting the width")
+    g = p.add_argument_group("strategy parameters (only those the strategy has; [the strategies that have it])")
+    _add_strategy_flags(g)
     g = p.add_argument_group("run")
     g.add_argument("--concurrency", type=int, default=1,
                    help="problems in flight at once (default 1; compare: the chunk size C)")
@@ -78,8 +112,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     g.add_argument("--request-timeout", type=seconds, default=None, metavar="S",
                    help="seconds one server request may take (default: 120 + 1 per token asked for)")
-    g.add_argument("--vote", choices=["weighted", "majority", "best"], default="weighted")
-    g.add_argument("--agg", choices=["last", "min", "prod", "mean"], default="last")
+    g.add_argument("--vote", choices=VOTES, default="weighted", help="answer selection (ets.answer; default weighted)")
+    g.add_argument("--agg", choices=AGGREGATIONS, default="last",
+                   help="a solution's score from its step scores (default last)")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -148,7 +183,7 @@ def strategy_params(a, strategy: str, strict: bool) -> dict:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     known = {f.name for f in fields(STRATEGIES[strategy].Config)}
-    given = {k: getattr(a, k) for k in STRATEGY_FLAGS if getattr(a, k) is not None}
+    given = {k: getattr(a, k) for k in strategy_options() if getattr(a, k) is not None}
     if strict and set(given) - known:
         raise ValueError(f"--{'/--'.join(sorted(k.replace('_', '-') for k in set(given) - known))} "
                          f"does not apply to {strategy} (its parameters: {sorted(known)})")
@@ -340,7 +375,7 @@ def cmd_compare(a) -> int:
         cfg = search_config(a, m.strategy, w, strict=False)
         return replace(cfg, strategy_params={**dict(cfg.strategy_params), **m.params})
 
-    given = [k for k in STRATEGY_FLAGS if getattr(a, k) is not None]
+    given = [k for k in strategy_options() if getattr(a, k) is not None]
     unused = [k for k in given if not any(k in dict(make_cfg(m, w).strategy_params) for m in methods
                                           for w in a.widths)]
     if unused:
@@ -428,7 +463,6 @@ def score_run(run_dir: str | Path, vote: str = "weighted", agg: str = "last") ->
 
 
 def cmd_score(a) -> int:
-    from ets.answer import AGGREGATIONS, VOTES
     from ets.report.table import format_table
 
     bad = [x for x in a.vote if x not in VOTES] + [x for x in a.agg if x not in AGGREGATIONS]

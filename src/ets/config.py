@@ -74,8 +74,7 @@ class SearchConfig:
         return cls(**d)
 
 
-VOTE_CHOICES = ("weighted", "majority", "best")
-AGG_CHOICES = ("last", "min", "prod", "mean")
+from ets.answer import AGGREGATIONS as AGG_CHOICES, VOTES as VOTE_CHOICES  # noqa: E402  (one vocabulary)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from ets.tree import Node
@@ -20,10 +20,24 @@ class Frontier:
     width: int
 
 
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A strategy parameter: its default, the help of its command-line flag (ets.cli builds the
+    strategy flags from these fields), and for a string the values it may take (checked by
+    StrategyConfig.__post_init__, listed by the flag: one vocabulary for both)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Base for strategy configs: frozen, validated in __post_init__. `for_width` builds the
-    config for a given width (so width-dependent defaults are resolved once, visibly)."""
+    """Base for strategy configs: frozen, validated in __post_init__ (subclasses that add
+    checks call super().__post_init__()). `for_width` builds the config for a given width (so
+    width-dependent defaults are resolved once, visibly). Fields are made with `option`."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
 
     @classmethod
     def for_width(cls, width: int, **params):

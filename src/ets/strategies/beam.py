@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ets.strategies.base import Frontier, Strategy, StrategyConfig, register
+from ets.strategies.base import Frontier, Strategy, StrategyConfig, option, register
 
 
 @dataclass(frozen=True)
 class BeamConfig(StrategyConfig):
-    overshoot: bool = False
+    overshoot: bool = option(False, "beam: allow overshooting the width (the rule as written)")
 
 
 @register

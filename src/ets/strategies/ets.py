@@ -10,7 +10,7 @@ import numpy as np
 
 from ets.cluster import cluster_labels, make_embedder
 from ets.selection import build_problem, solve
-from ets.strategies.base import Frontier, Strategy, StrategyConfig, register
+from ets.strategies.base import Frontier, Strategy, StrategyConfig, option, register
 from ets.strategies.rebase import rebase_allocate
 
 # The paper's MATH500 lambda_s per width; other widths take the nearest listed width's value.
@@ -24,14 +24,17 @@ def paper_lambda_s(width: int) -> float:
 
 @dataclass(frozen=True)
 class ETSConfig(StrategyConfig):
-    lambda_c: float = 1.0
-    lambda_s: float = 1.5
-    softmax_temperature: float = 0.2
-    cluster_threshold: float = 0.05
-    node_cost: str = "nodes"  # "nodes": uniform 1/(M+N) (reference); "tokens": tokens / total
-    kv_budget: int | None = None  # hard cap on kept tokens (prompt included); None = off
-    solver: str = "auto"  # "auto" (tree DP, or fixing + coverage DP; HiGHS past its caps) | "milp" (HiGHS only)
-    embedder: str = "minilm"  # "minilm" (default, offline) | "hash" (deterministic, no model)
+    lambda_c: float = option(1.0, "ETS node-cost weight (default 1.0)")
+    lambda_s: float = option(1.5, "ETS coverage weight (default: the paper's value for the width)")
+    softmax_temperature: float = option(0.2, "REBASE/ETS softmax temperature (default 0.2)")
+    cluster_threshold: float = option(0.05, "ETS clustering cut, a cosine distance (default 0.05)")
+    # "nodes": uniform 1/(M+N) (reference); "tokens": tokens / total
+    node_cost: str = option("nodes", "ETS node cost (default nodes)", choices=("nodes", "tokens"))
+    kv_budget: int | None = option(None, "ETS hard cap on kept KV tokens, prompt included (default off)")
+    # "auto": tree DP, or fixing + coverage DP, HiGHS past its caps; "milp": HiGHS only (the cross-check)
+    solver: str = option("auto", "ETS program solver (default auto)", choices=("auto", "milp"))
+    # "minilm" (default, offline) | "hash" (deterministic, no model); the CLI's --embedder sets it
+    embedder: str = "minilm"
 
     @classmethod
     def for_width(cls, width: int, **params):
@@ -39,18 +42,15 @@ class ETSConfig(StrategyConfig):
         return super().for_width(width, **params)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.lambda_c < 0 or self.lambda_s < 0:
             raise ValueError(f"lambda_c and lambda_s must be >= 0, got {self.lambda_c}, {self.lambda_s}")
         if not self.softmax_temperature > 0:
             raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature}")
         if not 0 <= self.cluster_threshold <= 2:
             raise ValueError(f"cluster_threshold is a cosine distance in [0, 2], got {self.cluster_threshold}")
-        if self.node_cost not in ("nodes", "tokens"):
-            raise ValueError(f"node_cost must be 'nodes' or 'tokens', got {self.node_cost!r}")
         if self.kv_budget is not None and self.kv_budget < 1:
             raise ValueError(f"kv_budget must be a positive number of tokens, got {self.kv_budget}")
-        if self.solver not in ("auto", "milp"):
-            raise ValueError(f"solver must be 'auto' or 'milp', got {self.solver!r}")
 
 
 def ets_select(scores, candidates, remaining: int, config: ETSConfig, labels) -> tuple[list[int], dict]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ets.strategies.base import Frontier, Strategy, StrategyConfig, register
+from ets.strategies.base import Frontier, Strategy, StrategyConfig, option, register
 
 
 def rebase_allocate(scores: Sequence[float], remaining: int, temperature: float,
@@ -38,9 +38,10 @@ def rebase_allocate(scores: Sequence[float], remaining: int, temperature: float,
 
 @dataclass(frozen=True)
 class RebaseConfig(StrategyConfig):
-    softmax_temperature: float = 0.2
+    softmax_temperature: float = option(0.2, "REBASE/ETS softmax temperature (default 0.2)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.softmax_temperature > 0:
             raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature}")
 
