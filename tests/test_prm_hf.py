@@ -82,14 +82,31 @@ def test_math_shepherd_scores_align_with_steps_and_match_a_manual_read(shepherd)
 
 
 def test_math_shepherd_input_format(shepherd):
-    text = shepherd._format("Q ?", [shepherd.clean_step("1 + 2 = 3\n\n"), shepherd.clean_step("so 3 ки")])
-    assert text == "Q ? 1 + 2 = 3 ки\nso 3 ки\n"
+    assert shepherd.text("Q ? ", ["1 + 2 = 3\n\n", "so 3 ки"]) == "Q ? 1 + 2 = 3 ки\nso 3 ки"
 
 
-def test_a_step_hiding_a_tag_raises(shepherd):
-    bad = path(["1 + 2 ки = 3\n\n", "3 = 3"])
-    with pytest.raises(PRMError, match="2 steps but 3 step tags"):
-        run(shepherd.score([ScoreRequest("q", bad)]))
+def test_a_step_hiding_a_tag_loses_it_as_on_a_server(shepherd):
+    hidden = path(["1 + 2 ки = 3\n\n", "3 = 3"])
+    assert shepherd.text("q", hidden.step_texts()) == "q 1 + 2  = 3 ки\n3 = 3 ки"
+    assert len(run(shepherd.score([ScoreRequest("q", hidden)]))[0]) == 2
+
+
+def test_local_and_served_math_shepherd_send_the_same_text(shepherd, stand_in):
+    """The same paths (odd whitespace, a hidden tag, the tag as a step's end) reach the local
+    model and the served PRM as one text."""
+    from ets.prm.served import ServedPRM
+
+    def answer(method, path_, body):
+        return 200, {"data": [{"index": i, "data": [[0.7, 0.3]] * t.count("ки")} for i, t in enumerate(body["input"])]}
+
+    srv = stand_in(answer)
+    paths = [["  1 + 2 = 3\n\n", "so  3 ки", "3 ки 3\n"], ["5 = 5\n"]] + PATHS
+    requests = [ScoreRequest(" What is 1 + 2? ", path(p)) for p in paths]
+    served = ServedPRM(srv.url, convention="math-shepherd", batch_size=64)
+    run(served.score(requests))
+    sent = srv.posts("/pooling")[0]["input"]
+    assert sent == [shepherd.text(r.question, r.node.step_texts()) for r in requests]
+    assert sent[0] == "What is 1 + 2? 1 + 2 = 3 ки\nso  3 ки\n3  3 ки"
 
 
 def test_tag_must_be_one_token():

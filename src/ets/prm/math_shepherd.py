@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.formats import math_shepherd_text
 
 
 def single_token(tok, text: str, what: str) -> int:
@@ -78,7 +79,8 @@ class StepTagPRM(RewardModel):
     def _good_prob(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode(self, question: str, step_texts: Sequence[str]) -> list[int]:
+    def text(self, question: str, step_texts: Sequence[str]) -> str:
+        """The input text the model scores for this path (one tag per step)."""
         if self.insert_tag:
             steps = [self.clean_step(s) for s in step_texts]
         else:
@@ -87,7 +89,11 @@ class StepTagPRM(RewardModel):
                 if not s.rstrip().endswith(self.tag):
                     raise PRMError(f"step {i + 1} does not end with the step tag {self.tag!r}: {s[-60:]!r}")
                 steps.append(s.rstrip()[: -len(self.tag)].rstrip())
-        ids = self.tok.encode(self._format(question, steps), add_special_tokens=False)
+        return self._format(question, steps)
+
+    def encode(self, question: str, step_texts: Sequence[str]) -> list[int]:
+        steps = list(step_texts)
+        ids = self.tok.encode(self.text(question, step_texts), add_special_tokens=False)
         if self.max_length is not None and len(ids) > self.max_length:
             raise PRMError(f"path of {len(ids)} tokens exceeds the PRM's max_length {self.max_length}")
         n_tags = ids.count(self.tag_id)
@@ -124,7 +130,8 @@ class StepTagPRM(RewardModel):
 
 class MathShepherdPRM(StepTagPRM):
     """Math-Shepherd-style PRM over a causal LM (e.g. peiyi9979/math-shepherd-mistral-7b-prm,
-    from a local folder). Input: "{question} {step 1} ки\\n{step 2} ки\\n...".
+    from a local folder). Input: ets.prm.formats.math_shepherd_text, "{question} {step 1} ки\\n{step 2} ки"
+    (a tag inside a step is removed, as the served PRM does).
     `model` is a loaded model (with `tokenizer`) or a local folder (tokenizer None)."""
 
     name = "math-shepherd"
@@ -137,7 +144,7 @@ class MathShepherdPRM(StepTagPRM):
         self.bad_id = single_token(self.tok, bad, "bad token")
 
     def _format(self, question: str, steps: list[str]) -> str:
-        return f"{question} " + "".join(f"{s} {self.tag}\n" for s in steps)
+        return math_shepherd_text(question, steps, self.tag)  # the served PRM sends the same text
 
     def _good_prob(self, input_ids, attention_mask):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]

@@ -36,6 +36,7 @@ import httpx
 
 from ets.engines.server import Health, ServerError, redact_url, request_with_retries, split_urls
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.formats import math_shepherd_text, tagged_steps
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -47,9 +48,9 @@ class Convention:
     positive_index: int  # which entry of a step's vector is the "step is good" class
 
     def render(self, question: str, steps: Sequence[str]) -> str:
-        clean = [s.replace(self.step_tag, "").strip() for s in steps]
-        if self.name == "math-shepherd":
-            return f"{question.strip()} " + "\n".join(f"{s} {self.step_tag}" for s in clean)
+        if self.name == "math-shepherd":  # the very text the local MathShepherdPRM scores
+            return math_shepherd_text(question, steps, self.step_tag)
+        clean = tagged_steps(steps, self.step_tag)
         body = "".join(f"{s}{self.step_tag}" for s in clean)
         return (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{question.strip()}"
                 f"<|im_end|>\n<|im_start|>assistant\n{body}<|im_end|>\n")
