@@ -1,4 +1,4 @@
-"""Frozen, self-validating configuration: sampling -> search. Strategy configs live beside
+"""Frozen, self-validating configuration: sampling (ets.engines.sampling) -> search. Strategy configs live beside
 their strategies (ets.strategies.*) and are looked up by name in the registry."""
 
 from __future__ import annotations
@@ -6,26 +6,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ets.engines.sampling import SamplingConfig  # noqa: F401  (beside the engines; re-exported)
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the policy samples one step (SPEC section 1)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_step_tokens: int = 256
-    step_delimiter: str = "\n\n"
-
-    def __post_init__(self):
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
-        _check(len(self.step_delimiter) > 0, "step_delimiter must not be empty")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ets.config import SamplingConfig
+from ets.engines.sampling import SamplingConfig
 from ets.tree import Node
 
 # Step.stop_reason values

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ets.config import SamplingConfig
+from ets.engines.sampling import SamplingConfig
 from ets.engines.base import DELIMITER, EOS, LENGTH, STOP, Expansion, Policy, Step, Stopped, node_seed
 from ets.engines.kv_store import KV, KVStore, Segment
 from ets.tree import Node

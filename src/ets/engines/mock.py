@@ -12,7 +12,7 @@ import hashlib
 import random
 from typing import Sequence
 
-from ets.config import SamplingConfig
+from ets.engines.sampling import SamplingConfig
 from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step
 
 PHRASES = [

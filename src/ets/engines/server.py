@@ -46,7 +46,7 @@ from typing import Iterable, Sequence
 
 import httpx
 
-from ets.config import SamplingConfig
+from ets.engines.sampling import SamplingConfig
 from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step, node_seed
 from ets.engines.server_metrics import SGLANG, VLLM, Monitor
 from ets.tree import Node
