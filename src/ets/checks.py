@@ -49,7 +49,7 @@ class Parser(argparse.ArgumentParser):
 
 def safe(text) -> str:
     """`text` with URL credentials redacted."""
-    from ets.engines.server import redact_url
+    from ets.http import redact_url
 
     return redact_url(str(text))
 

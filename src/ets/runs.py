@@ -314,7 +314,7 @@ class RunDir:
 
 def _redacted(obj):
     """A JSON copy of `obj` with every URL's credentials replaced (http://user:pw@h -> http://***@h)."""
-    from ets.engines.server import redact_url
+    from ets.http import redact_url
 
     def walk(x):
         if isinstance(x, dict):

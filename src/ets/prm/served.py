@@ -34,7 +34,7 @@ from typing import Sequence
 
 import httpx
 
-from ets.engines.server import Health, ServerError, redact_url, request_with_retries, split_urls
+from ets.http import Health, ServerError, redact_url, request_with_retries, split_urls
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 from ets.prm.formats import math_shepherd_text, tagged_steps
 
