@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,3 +213,34 @@ def test_run_names_are_pinned():
     ]
     for rc, sc, name in cases:
         assert run_name(rc.identity(sc, task)) == name
+
+
+def test_progress_line_moves_before_the_first_problem_finishes(tmp_path, monkeypatch, capsys):
+    """While the first problem runs (the bar still at 0/2), the line already shows the tokens
+    generated, tok/s, the deepest depth and, when the engine reports it, the KV held."""
+    import ets.runner
+
+    monkeypatch.setattr(ets.runner, "LIVE_EVERY_S", 0.0)
+    task, problems, cfg, run = setup(tmp_path, n=2)
+
+    class KVMock(MockPolicy):  # an engine that reports the KV it holds
+        def observe(self, root):
+            return {"kv_tokens_all": 123}
+
+    asyncio.run(run_jobs([[Job(p, cfg, run)] for p in problems], task, KVMock(seed=0), MockPRM(), progress=True))
+    frames = capsys.readouterr().err.replace("\n", "\r").split("\r")
+    early = [f for f in frames if "0/2" in f and "depth" in f]
+    assert early, frames
+    assert re.search(r"\d+ tok, [\d.]+ tok/s, depth [1-9]\d*, KV 123", early[0]), early[0]
+    depths = [int(re.search(r"depth (\d+)", f).group(1)) for f in early]
+    assert depths == sorted(depths) and depths[-1] > depths[0]  # it moves
+
+
+def test_live_line_without_engine_kv():
+    from ets.runner import LiveLine
+
+    line = LiveLine(bar=None, every_s=1e9)  # never redraws: only the text is read
+    line.depth_done(1, 10, {})
+    line.depth_done(3, 5, {"kv_tokens_all": None})
+    text = line.text()
+    assert text.startswith("15 tok, ") and "depth 3" in text and "KV" not in text

@@ -125,6 +125,7 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
     bar = tqdm(total=todo, desc="problems", unit="job", file=sys.stderr, disable=not progress or todo == 0,
                dynamic_ncols=True)
     t0 = time.perf_counter()
+    live = LiveLine(bar)
     before = (snapshot(policy), snapshot(prm))
 
     async def one(job: Job) -> None:
@@ -133,14 +134,14 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         t = time.perf_counter()
         try:
             emb = _embedder(job.cfg, embedders)
-            result = await search(prompt, policy, prm, job.cfg, embedder=emb)
+            result = await search(prompt, policy, prm, job.cfg, embedder=emb, on_depth=live.depth_done)
             record = problem_record(job.problem, task, prompt, result, vote, agg,
                                     getattr(policy, "name", "?"), getattr(prm, "name", "?"))
             job.run.write_problem(record)
             out.computed += 1
             out.ids.append(job.problem.id)
             out.generated += result.counters.get("generated_tokens", 0)
-            bar.set_postfix_str(f"{job.problem.id}: {'right' if record['correct'] else 'wrong'}", refresh=False)
+            live.last = f"{job.problem.id} {'right' if record['correct'] else 'wrong'}"
         except Exception as e:  # noqa: BLE001  (one problem's failure must not lose the others)
             msg = (f"problem {job.problem.id!r} ({job.run.name}) failed: {type(e).__name__}: {e}\n"
                    f"  fix: {hint(e)}; then run the same command again (finished problems are kept).")
@@ -148,6 +149,7 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
             out.failures.append(Failure(job.problem.id, job.run.name, msg))
         finally:
             out.wall_s += time.perf_counter() - t
+            bar.set_postfix_str(live.text(), refresh=False)
             bar.update(1)
 
     async def problem(jobs: list[Job]) -> None:
@@ -181,6 +183,39 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                                        "concurrency": concurrency, "interleaved_runs": len(outcomes),
                                        "ids": out.ids, "engine": engine, "prm": prm_delta})
     return outcomes
+
+
+LIVE_EVERY_S = 0.5  # least seconds between two redraws of the live progress line
+
+
+class LiveLine:
+    """The progress bar's live postfix while problems run: tokens generated so far, tok/s since
+    the start, the deepest depth any problem reached, the KV the engine holds (embedded: all trees
+    in flight; server: the peak it measured during the latest expand) when it reports one, and
+    the last problem finished. Updated after every depth of every problem, so the line moves long
+    before the first problem finishes; redrawn at most every `every_s` seconds."""
+
+    def __init__(self, bar, every_s: float | None = None):
+        every_s = LIVE_EVERY_S if every_s is None else every_s
+        self.bar, self.every_s = bar, every_s
+        self.t0 = self.shown = time.perf_counter()
+        self.tokens, self.deepest, self.kv, self.last = 0, 0, None, ""
+
+    def depth_done(self, depth: int, tokens: int, engine: dict) -> None:
+        self.tokens += tokens
+        self.deepest = max(self.deepest, depth)
+        kv = engine.get("kv_tokens_all", engine.get("server_kv_tokens_peak"))
+        self.kv = kv if kv is not None else self.kv
+        now = time.perf_counter()
+        if now - self.shown >= self.every_s:
+            self.shown = now
+            self.bar.set_postfix_str(self.text(now), refresh=True)
+
+    def text(self, now: float | None = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.t0
+        parts = [f"{self.tokens} tok", f"{self.tokens / elapsed:.1f} tok/s" if elapsed > 0 else "",
+                 f"depth {self.deepest}", f"KV {self.kv:.0f}" if self.kv is not None else "", self.last]
+        return ", ".join(p for p in parts if p)
 
 
 def _embedder(cfg: SearchConfig, embedders: dict):

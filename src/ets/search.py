@@ -11,6 +11,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ets.config import SearchConfig
 from ets.engines.base import EOS, LENGTH, Expansion, Policy
@@ -93,8 +94,12 @@ def classify(node: Node, cfg: SearchConfig) -> str | None:
 
 
 async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchConfig,
-                 strategy: Strategy | None = None, embedder=None) -> SearchResult:
-    """Run one problem's tree search to the end and return the whole tree."""
+                 strategy: Strategy | None = None, embedder=None,
+                 on_depth: Callable[[int, int, dict], None] | None = None) -> SearchResult:
+    """Run one problem's tree search to the end and return the whole tree.
+    on_depth(depth, generated tokens, engine) is called after every depth is generated and
+    scored: the depth reached (1 = the root's children), the tokens that depth generated, and
+    policy.observe(root) (for a live progress line; it must not raise)."""
     t_start = time.perf_counter()
     strategy = strategy or build_strategy(cfg, embedder=embedder)
     prompt_ids, prompt_text = policy.format_prompt(question)
@@ -169,6 +174,8 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
                                kv.gen_tokens, kv.blocks, kv.nodes, select_s, info, engine))
         frontier = children
         depth += 1
+        if on_depth is not None:
+            on_depth(depth, sum(len(c.token_ids) for c in children), engine)
     counters["wall_s"] = time.perf_counter() - t_start
     return SearchResult(tree, trace, question, counters)
 
