@@ -244,3 +244,14 @@ def test_live_line_without_engine_kv():
     line.depth_done(3, 5, {"kv_tokens_all": None})
     text = line.text()
     assert text.startswith("15 tok, ") and "depth 3" in text and "KV" not in text
+
+
+def test_configs_live_beside_their_readers_and_old_imports_still_work():
+    import ets.config
+    import ets.engines.sampling
+    import ets.runner
+
+    assert ets.config.RunConfig is ets.runner.RunConfig
+    assert ets.config.SamplingConfig is ets.engines.sampling.SamplingConfig
+    assert ets.runner.RunConfig.__module__ == "ets.runner"
+    assert ets.engines.sampling.SamplingConfig.__module__ == "ets.engines.sampling"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ets.config import RunConfig, SearchConfig
+from ets.config import SearchConfig
+from ets.runner import RunConfig
 from ets.engines.mock import MockPolicy
 from ets.prm.mock import MockPRM
 from ets.report.viewer import render_record

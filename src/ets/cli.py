@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- building configs from flags ------------------------------------------------------------------
 
 def run_config(a) -> "RunConfig":
-    from ets.config import RunConfig
+    from ets.runner import RunConfig
 
     return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
                      id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),

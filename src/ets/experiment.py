@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from ets.config import RunConfig, SearchConfig
+from ets.config import SearchConfig
+from ets.runner import RunConfig
 from ets.runs import RunDir
 from ets.tasks import Problem, Task
 

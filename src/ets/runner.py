@@ -1,5 +1,8 @@
 """Run problems through the search with bounded concurrency, saving each as soon as it finishes.
 
+RunConfig (the run-level options, and the identity that names a run directory) is defined here,
+beside the runner that reads it.
+
 One *job* = one problem under one search config, saved in that config's run directory. Jobs are
 grouped by problem: a problem's jobs run one after another (so `ets compare` interleaves methods
 problem by problem and machine drift hits all alike), while up to `concurrency` problems are in
@@ -14,15 +17,75 @@ import asyncio
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from ets.answer import select_from_tree
-from ets.config import SearchConfig
+from ets.answer import AGGREGATIONS, VOTES, select_from_tree
+from ets.config import SearchConfig, _check
 from ets.measures import counter_delta, run_measures, snapshot, trace_measures
 from ets.runs import RunDir, summarize, versions
 from ets.search import search
 from ets.tasks import Problem, Task
 from ets.treeio import trace_to_list, tree_to_dict
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-level options of the harness (ets.runner, ets.cli): which problems, which models,
+    where results go. What changes a problem's result is in `identity` (it names the run
+    directory); problem selection and concurrency are not, so a run can be extended or resumed."""
+
+    dataset: str = "gsm8k"  # "gsm8k" | "math500" | a local JSONL path
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    limit: int | None = None
+    offset: int = 0
+    ids: tuple[str, ...] = ()
+    policy: str = "default"  # ets.factory.make_policy spec
+    prm: str = "default"  # ets.factory.make_prm spec
+    embedder: str = "minilm"  # ETS clustering embedder (ets.cluster.EMBEDDERS)
+    concurrency: int = 1  # problems in flight at once
+    # KV tokens the embedded engine may hold at once, as a serving engine's cache size: beyond it
+    # a depth's sequences are decoded in waves (None: unbounded). An error with server/mock policies.
+    kv_capacity: int | None = None
+    runs_dir: str = "runs"
+    vote: str = "weighted"  # answer selection recorded in results (ets.answer)
+    agg: str = "last"
+
+    def __post_init__(self):
+        from ets.cluster import EMBEDDERS
+        from ets.factory import is_embedded
+
+        if isinstance(self.ids, (list, str)):
+            object.__setattr__(self, "ids", tuple([self.ids] if isinstance(self.ids, str) else self.ids))
+        _check(self.limit is None or self.limit >= 0, f"limit must be >= 0, got {self.limit}")
+        _check(self.offset >= 0, f"offset must be >= 0, got {self.offset}")
+        _check(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
+        _check(self.kv_capacity is None or self.kv_capacity >= 1,
+               f"kv_capacity must be a positive number of tokens, got {self.kv_capacity}")
+        _check(self.kv_capacity is None or is_embedded(self.policy),
+               f"kv_capacity applies to the embedded engine only, not to policy {self.policy!r}; a server's "
+               "cache size is set where the server starts (vLLM: --gpu-memory-utilization or "
+               "--num-gpu-blocks-override)")
+        _check(self.embedder in EMBEDDERS, f"unknown embedder {self.embedder!r}; choose one of {sorted(EMBEDDERS)}")
+        _check(self.vote in VOTES, f"vote must be one of {VOTES}, got {self.vote!r}")
+        _check(self.agg in AGGREGATIONS, f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+        _check(bool(self.dataset), "dataset must not be empty")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ids"] = list(self.ids)
+        return d
+
+    def identity(self, search: SearchConfig, task: dict) -> dict:
+        """Everything that changes a problem's result under `search`: hashed into the run name."""
+        return {"search": search.to_dict(), "policy": self.policy, "prm": self.prm,
+                "embedder": self.embedder if search.strategy == "ets" else None,
+                "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
+                "task": task,
+                # waves change the order of random draws, hence the samples; left out when unset
+                # so that run names made before the option existed still resume
+                **({"kv_capacity": self.kv_capacity} if self.kv_capacity is not None else {})}
 
 
 @dataclass
