@@ -83,8 +83,8 @@ class RunConfig:
                 "embedder": self.embedder if search.strategy == "ets" else None,
                 "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
                 "task": task,
-                # waves change the order of random draws, hence the samples; left out when unset
-                # so that run names made before the option existed still resume
+                # named runs when waves still changed the samples (before per-child streams);
+                # kept so those names still resume; left out when unset, as before the option
                 **({"kv_capacity": self.kv_capacity} if self.kv_capacity is not None else {})}
 
 
