@@ -162,10 +162,14 @@ def test_compare_interleaved_table_plot_and_score(tmp_path, toy, capsys):
     ref = next(r for r in rows if (r["vote"], r["agg"]) == ("weighted", "last"))
     assert ref["accuracy"] == summary["accuracy"]
 
-    # compare again: resumes, nothing recomputed
+    # compare again: resumes, nothing recomputed; --plot DIR puts the plot inside and says where
     stamps = {p: p.stat().st_mtime_ns for d in dirs for p in (d / "problems").glob("*.json")}
-    assert cli.main(args) == 0
+    plot_dir = tmp_path / "plots"
+    plot_dir.mkdir()
+    assert cli.main([*args[:-1], str(plot_dir)]) == 0
     assert stamps == {p: p.stat().st_mtime_ns for d in dirs for p in (d / "problems").glob("*.json")}
+    assert f"plot: {plot_dir / 'widths.png'}" in capsys.readouterr().out
+    assert (plot_dir / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_score_rejects_unknown_vote(tmp_path, toy, capsys):

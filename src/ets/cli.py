@@ -414,7 +414,10 @@ def cmd_compare(a) -> int:
             "methods": a.methods, "widths": a.widths, "run_dirs": [str(arm.run.path) for arm in arms]}
     text = record.write_report(out, rows, meta, _analyses(shown, ids, a.note, rc.agg))
     files = [out / f for f in record_plots(rows, out, f"{rc.dataset}, {rc.policy}")] if rows else []
-    plot = plot_compare(rows, a.plot or out / "widths.png") if rows else None
+    plot_path = Path(a.plot) if a.plot else out / "widths.png"
+    if plot_path.is_dir():  # --plot DIR: the plot goes inside it, and the path printed says where
+        plot_path = plot_path / "widths.png"
+    plot = plot_compare(rows, plot_path) if rows else None
     if a.json:
         print(json.dumps({"rows": rows, "ratios": record.ratios(rows), "out": str(out),
                           "plot": str(plot) if plot else None}, indent=1, default=str))
