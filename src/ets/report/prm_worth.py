@@ -22,7 +22,7 @@ import hashlib
 import random
 from pathlib import Path
 
-from ets.answer import Solution, select_answer, solutions_of
+from ets.answer import Solution, aggregate, select_answer, solutions_of
 from ets.report.record import wilson
 from ets.runs import RunDir
 from ets.tasks import Task
@@ -73,8 +73,6 @@ def problem_worth(record: dict, agg: str = "last", draws: int = 32) -> dict:
         hits += task.grade(select_answer(fake, "weighted", agg, task.same).answer, gold)
     out["random"] = hits / draws
     out["oracle"] = any(right.values())
-    from ets.answer import aggregate
-
     out["pairs"] = [(aggregate(s.step_scores, agg), right[s.node_id]) for s in sols if s.answer is not None]
     out["id"] = record["id"]
     return out
@@ -86,6 +84,11 @@ def run_worth(run_dir: str | Path, agg: str = "last", draws: int = 32, ids: list
     run = RunDir(run_dir)
     wanted = set(ids) if ids is not None else None
     per = [problem_worth(r, agg, draws) for r in run.iter_problems() if wanted is None or r["id"] in wanted]
+    return {"run": run.name, "agg": agg, "random_draws": draws, **summarize_worth(per)}
+
+
+def summarize_worth(per: list[dict]) -> dict:
+    """Rule accuracies with intervals and the two AUROCs over `problem_worth` results."""
     n = len(per)
     rows = {}
     for rule in RULES:
@@ -95,7 +98,7 @@ def run_worth(run_dir: str | Path, agg: str = "last", draws: int = 32, ids: list
     pairs = [pr for p in per for pr in p["pairs"]]
     within = [a for a in (auroc([s for s, _ in p["pairs"]], [y for _, y in p["pairs"]]) for p in per)
               if a is not None]
-    return {"run": run.name, "problems": n, "agg": agg, "random_draws": draws, "rules": rows,
+    return {"problems": n, "rules": rows,
             "solutions": len(pairs), "solutions_right": sum(1 for _, y in pairs if y),
             "auroc_pooled": auroc([s for s, _ in pairs], [y for _, y in pairs]),
             "auroc_within_mean": sum(within) / len(within) if within else None,
@@ -136,13 +139,8 @@ def rules_markdown(arms: list[tuple[str, list[dict]]], agg: str = "last", draws:
         return "-" if x is None else f"{x:.3f}"
 
     for label, recs in arms:
-        per = [problem_worth(r, agg, draws) for r in recs]
-        n = len(per)
-        acc = {rule: (sum(p[rule] for p in per) / n if n else None) for rule in RULES}
-        pairs = [pr for p in per for pr in p["pairs"]]
-        within = [a for a in (auroc([s for s, _ in p["pairs"]], [y for _, y in p["pairs"]]) for p in per)
-                  if a is not None]
-        lines.append(f"| {label} | {n} | " + " | ".join(f(acc[r]) for r in RULES) +
-                     f" | {f(auroc([s for s, _ in pairs], [y for _, y in pairs]))}"
-                     f" | {f(sum(within) / len(within) if within else None)} |")
+        w = summarize_worth([problem_worth(r, agg, draws) for r in recs])
+        acc = {rule: (w["rules"][rule]["accuracy"] if w["problems"] else None) for rule in RULES}
+        lines.append(f"| {label} | {w['problems']} | " + " | ".join(f(acc[r]) for r in RULES) +
+                     f" | {f(w['auroc_pooled'])} | {f(w['auroc_within_mean'])} |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ import platform
 from pathlib import Path
 
 from ets.measures import add_counters, trace_measures
+from ets.report.table import cell as _f
 from ets.runs import summarize
 
 LEGACY_CHUNK_LOG = "bench_chunks.jsonl"  # written by benchmarks/bench_record.py before ets.experiment
@@ -201,15 +202,6 @@ def ratios(rows_: list[dict]) -> list[dict]:
             "n": min(r["problems"], base["problems"]),
         })
     return out
-
-
-def _f(v, fmt: str) -> str:
-    if v is None:
-        return "-"
-    try:
-        return fmt.format(v)
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def table(rows_: list[dict]) -> str:

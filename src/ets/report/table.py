@@ -14,7 +14,8 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def _cell(value, fmt: str) -> str:
+def cell(value, fmt: str) -> str:
+    """`value` formatted by `fmt`; "-" for None, str(value) where the format does not apply."""
     if value is None:
         return "-"
     try:
@@ -27,7 +28,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]] =
                  markdown: bool = False) -> str:
     """Rows as an aligned text table (numbers right-aligned) or a markdown table."""
     headers = [h for _, h, _ in columns]
-    cells = [[_cell(r.get(k), f) for k, _, f in columns] for r in rows]
+    cells = [[cell(r.get(k), f) for k, _, f in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
