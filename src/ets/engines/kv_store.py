@@ -9,8 +9,14 @@ sampled but not yet fed to the model; it is fed once, when the node is first exp
 Reference counting (a segment is freed exactly when refs drops to 0):
     refs = open claims (nodes created on this segment, neither expanded nor released)
          + child segments still held
+         + users (expand requests in flight on this segment's node)
 so the KV held at any time is that of the live nodes and all their ancestors, nothing more.
 Freeing a segment drops its parent's count, which may free the parent in turn.
+
+Eviction (the engine under KV pressure) drops a held segment's KV but keeps the segment, so
+the KV is fed again (recomputed) when the segment is next needed. Along every path the fed
+segments form a prefix: a segment holds KV only if its parent is complete, so eviction takes
+segments whose children hold none (leaves first).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Segment:
     next_logits: torch.Tensor | None = None  # [V] logits after the whole step, once fed
     children: dict[tuple[int, ...], Segment] = field(default_factory=dict)
     start: int = 0  # absolute position of tokens[0] in the sequence
+    users: int = 0  # expand requests in flight on this segment's node
+    fed_max: int = 0  # most tokens ever fed: feeding below it again is recomputation
 
     @property
     def complete(self) -> bool:
@@ -63,6 +71,8 @@ class KVStore:
         self.tokens = 0  # KV tokens held now, all trees
         self.peak = 0
         self.by_root: dict[Node, int] = {}  # KV tokens held per tree
+        self.evicted = 0  # tokens whose KV was dropped under pressure (evict)
+        self.recomputed = 0  # tokens fed again after their KV was dropped
 
     # --- lookup -----------------------------------------------------------------------------
     def segment(self, node: Node, create: bool = True) -> Segment | None:
@@ -110,6 +120,9 @@ class KVStore:
         if n == 0:
             return
         assert seg.fed + n <= len(seg.tokens), "more KV than tokens"
+        assert seg.parent is None or seg.parent.complete, "KV after an unfed parent"
+        self.recomputed += max(0, min(seg.fed + n, seg.fed_max) - seg.fed)
+        seg.fed_max = max(seg.fed_max, seg.fed + n)
         if seg.kv is None:
             seg.kv = [(k.clone(), v.clone()) for k, v in kv]  # own copies: never pin a batch buffer
         else:
@@ -131,13 +144,41 @@ class KVStore:
         if seg is None:
             return
         self._consumed.add(node)
+        self.unclaim(seg)
+
+    def unclaim(self, seg: Segment) -> None:
+        """Drop one claim on `seg` (its node was expanded or released, or the step was never
+        handed to a caller); free what nothing needs."""
         seg.claims -= 1
-        if seg.claims <= 0:  # no node will start children from here again
+        self._settle(seg)
+
+    def use(self, seg: Segment) -> None:
+        """An expand request on `seg`'s node is in flight: keep the segment (and its logits)."""
+        seg.users += 1
+
+    def unuse(self, seg: Segment) -> None:
+        seg.users -= 1
+        self._settle(seg)
+
+    def _settle(self, seg: Segment) -> None:
+        # no node will start children from here again (a root may be expanded again: its
+        # logits stay while its tree does)
+        if seg.claims <= 0 and seg.users <= 0 and seg.parent is not None:
             seg.next_logits = None
         self._maybe_free(seg)
 
+    def evict(self, seg: Segment) -> int:
+        """Drop `seg`'s KV (and logits), keeping the segment; returns the tokens dropped. Only a
+        segment whose children hold no KV may be evicted (the fed prefix stays a prefix)."""
+        assert all(c.fed == 0 for c in seg.children.values()), "evict leaves first"
+        n = seg.fed
+        self._count(seg.root, -n)
+        self.evicted += n
+        seg.kv, seg.fed, seg.next_logits = None, 0, None
+        return n
+
     def _maybe_free(self, seg: Segment) -> None:
-        while seg is not None and seg.claims <= 0 and not seg.children:
+        while seg is not None and seg.claims <= 0 and seg.users <= 0 and not seg.children:
             self._count(seg.root, -seg.fed)
             seg.kv, seg.fed, seg.next_logits = None, 0, None
             parent = seg.parent
@@ -159,13 +200,15 @@ class KVStore:
         return self.by_root.get(root, 0)
 
     def check(self) -> None:
-        """Invariants (for tests): counts match the segments; no freeable segment is held."""
+        """Invariants (for tests): counts match the segments; no freeable segment is held; the fed
+        segments of every path form a prefix of it."""
         total = 0
         stack = list(self.roots.values())
         while stack:
             seg = stack.pop()
             total += seg.fed
-            assert seg.claims > 0 or seg.children, "a segment nothing needs is still held"
+            assert seg.claims > 0 or seg.users > 0 or seg.children, "a segment nothing needs is still held"
             assert seg.kv is None or seg.kv[0][0].shape[1] == seg.fed
+            assert seg.fed == 0 or seg.parent is None or seg.parent.complete, "KV after an unfed parent"
             stack.extend(seg.children.values())
         assert total == self.tokens, (total, self.tokens)
