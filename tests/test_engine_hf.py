@@ -190,7 +190,9 @@ def test_problems_in_flight_are_decoded_in_one_batch_and_each_token_once():
     assert policy.store.tokens == 0
 
 
-def test_kv_capacity_decodes_in_waves_and_is_never_exceeded():
+def test_kv_capacity_admits_rows_as_room_allows_and_is_never_exceeded():
+    """`waves` counts the iterations at which rows joined the decode batch: one without a
+    capacity, several when the capacity lets only some of the children start at once."""
     sampling = SamplingConfig(max_step_tokens=6, step_delimiter=".")
     free = tiny_policy(seed=2)
     tree = Tree(*free.format_prompt("1 + 2 = x ."))
@@ -257,7 +259,8 @@ def test_a_problem_alone_resumed_or_in_flight_grows_the_same_tree():
     batched_policy = tiny_policy(seed=1)
     batched = run(together(batched_policy))[1].tree
     assert batched_policy.stats()["max_batch_rows"] > cfg.width  # really shared batches
-    # room for one row at the depth where the tree held most: waves there, never too little room
+    # room for one row at the depth where the tree held most: rows wait, are preempted or the
+    # tree's KV is evicted there; never too little room
     waved_policy = tiny_policy(seed=1, kv_capacity=fresh_policy.store.peak + SAMPLING.max_step_tokens)
     waved = run(search(q, waved_policy, DefaultPRM(), cfg)).tree
     assert waved_policy.stats()["waves"] > waved_policy.stats()["policy_calls"]

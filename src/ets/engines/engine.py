@@ -78,6 +78,7 @@ class TreeEngine:
             self.batch.remove(row)
 
     # --- one iteration ---------------------------------------------------------------------------
+    @torch.inference_mode()  # every tensor the engine makes (batch, segments) is an inference tensor
     def step(self) -> list[Request]:
         """One iteration; returns the requests it completed."""
         if STOP.is_set():  # SIGTERM: give up now, not after the rows' steps end

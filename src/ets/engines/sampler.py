@@ -64,11 +64,12 @@ class StepEnd:
     """Where a step ends: at an EOS id (kept in the step), at the first occurrence of the step
     delimiter in the decoded text (its tokens kept), or at `max_step_tokens`.
 
-    The delimiter is looked for in the decoded text of the last `window` tokens only, once per
-    new token. Exact as long as every token decodes to at least one character: the delimiter
-    first appears with the newest token, so its characters come from the last len(delimiter)
-    tokens, and the window has more (its first token's text may be cut by the decoder, e.g. a
-    leading space; that token is never needed)."""
+    The delimiter is looked for in the decoded text of the step's last tokens only, once per new
+    token: it first appears with the newest token, so its characters come from the last
+    len(delimiter) tokens that decode to something. The window holds len(delimiter) + 4 tokens,
+    widened while its text is shorter than the delimiter + 4 characters (tokens that decode to
+    nothing, e.g. special tokens); its first token's text may be cut by the decoder (a leading
+    space), and that token is never needed."""
 
     def __init__(self, decode: Callable[[list[int]], str], eos_ids: set[int]):
         self.decode, self.eos_ids = decode, eos_ids
@@ -76,9 +77,15 @@ class StepEnd:
     def __call__(self, tokens: list[int], sampling: SamplingConfig) -> str | None:
         if tokens[-1] in self.eos_ids:
             return EOS
-        window = len(sampling.step_delimiter) + 4
-        if sampling.step_delimiter in self.decode(tokens[-window:]):
-            return DELIMITER
+        delim = sampling.step_delimiter
+        window = len(delim) + 4
+        while True:
+            text = self.decode(tokens[-window:])
+            if delim in text:
+                return DELIMITER
+            if len(text) >= len(delim) + 4 or window >= len(tokens):
+                break
+            window *= 4
         if len(tokens) >= sampling.max_step_tokens:
             return LENGTH
         return None
