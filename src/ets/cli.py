@@ -88,8 +88,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedder", default="minilm",
                    help=f"ETS clustering embedder: {' | '.join(EMBEDDERS)} (default minilm)")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the embedded engine (default: bfloat16 on a GPU or on a CPU with AVX512-BF16 "
+                        "or AMX, else float32)")
     g.add_argument("--kv-capacity", type=int, default=None,
-                   help="KV tokens the embedded engine may hold at once; beyond it a depth is decoded in waves (default unbounded)")
+                   help="KV tokens the embedded engine may hold at once; beyond it rows wait, or are preempted and "
+                        "their KV recomputed later (default unbounded)")
     g = p.add_argument_group("search (SearchConfig / SamplingConfig)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
@@ -219,6 +223,8 @@ def _models(a, rc):
     opts = {"seed": a.seed}
     if a.device:
         opts["device"] = a.device
+    if getattr(a, "dtype", None):
+        opts["dtype"] = a.dtype
     if rc.kv_capacity is not None:
         opts["kv_capacity"] = rc.kv_capacity
     timeout = getattr(a, "request_timeout", None)
