@@ -68,6 +68,34 @@ def test_compare_logs_one_line_per_chunk_and_config_in_rotating_order(tmp_path, 
         assert s["engine"]["policy_calls"] > 0 and s["interleaved_runs"] == 1
 
 
+def test_pooled_schedule_gives_the_chunked_results_and_times_no_method(tmp_path, toy, capsys):
+    common = [*MOCK, "--limit", "4", "--methods", "rebase,ets", "--widths", "2", "--concurrency", "2"]
+    chunked_runs, pooled_runs = tmp_path / "chunked", tmp_path / "pooled"
+    toy_c = [x if x != str(tmp_path / "runs") else str(chunked_runs) for x in toy]
+    toy_p = [x if x != str(tmp_path / "runs") else str(pooled_runs) for x in toy]
+    assert cli.main(["compare", *common, *toy_c, "--out", str(tmp_path / "c")]) == 0
+    assert cli.main(["compare", *common, *toy_p, "--schedule", "pooled", "--out", str(tmp_path / "p")]) == 0
+
+    def saved(root):
+        out = {}
+        for f in root.glob("*/problems/*.json"):
+            r = json.loads(f.read_text())
+            out[f.parent.parent.name, f.name] = (r["answer"], r["kv"], r["tree"])
+        return out
+
+    # the same run directories, the same trees: samples depend only on (seed, path), not on the schedule
+    assert saved(chunked_runs) == saved(pooled_runs) and len(saved(pooled_runs)) == 8
+    for d in pooled_runs.iterdir():
+        if (d / "config.json").exists():
+            (s,) = map(json.loads, (d / "sessions.jsonl").read_text().splitlines())
+            assert s["interleaved_runs"] == 2 and len(s["ids"]) == 4
+    rows = json.loads((tmp_path / "p" / "results.json").read_text())["rows"]
+    assert [r["problems"] for r in rows] == [4, 4]
+    assert all(not r.get("tokens_per_s") for r in rows)  # a pooled call times no single method
+    with pytest.raises(SystemExit):
+        cli.main(["compare", *common, *toy_p, "--schedule", "nope"])
+
+
 def test_compare_reuses_runs_made_by_ets_run_and_reports_them(tmp_path, toy, capsys):
     # rebase on 2 problems, and ets with lambda_c 2 on all 3: both made by `ets run`
     assert cli.main(["run", *MOCK, *toy, "--limit", "2", "--strategy", "rebase", "--width", "2"]) == 0

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default=None, help="PNG of accuracy and KV vs width (default OUT/widths.png)")
     c.add_argument("--title", default="Comparison", help="title of results.md")
     c.add_argument("--note", default="", help="a paragraph added to results.md")
+    c.add_argument("--schedule", choices=("chunked", "pooled"), default="chunked",
+                   help="chunked (default): per chunk of C problems one config after another, timed "
+                        "per config; pooled: every config's problems in one pool, C in flight, no "
+                        "chunk barrier (faster; throughput then comes from chunked problems only)")
     _add_common(c)
     s = sub.add_parser("score", help="recompute accuracy from saved trees (no generation)")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -398,7 +402,7 @@ def cmd_compare(a) -> int:
     try:
         failures = _execute(lambda policy, prm: run_experiment(
             arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
-            log=lambda m: print(m, file=sys.stderr)), a, rc)
+            log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule), a, rc)
     finally:
         for arm in arms:
             write_summary(arm.run, [p.id for p in arm.problems])
@@ -416,7 +420,9 @@ def cmd_compare(a) -> int:
             "settings": {"seed": a.seed, "max_tokens": a.max_tokens, "max_step_tokens": a.max_step_tokens,
                          "max_depth": a.max_depth, "step_delimiter": step_delimiter(a), "temperature": a.temperature,
                          "top_p": a.top_p, "kv_capacity": rc.kv_capacity, "in_flight per chunk": rc.concurrency,
-                         "schedule": "chunks of C problems, config order rotating per chunk"},
+                         "schedule": "chunks of C problems, config order rotating per chunk"
+                         if a.schedule == "chunked" else "pooled: C problems in flight, every config "
+                         "of a problem in turn; throughput from chunked sessions only"},
             "methods": a.methods, "widths": a.widths, "run_dirs": [str(arm.run.path) for arm in arms]}
     text = record.write_report(out, rows, meta, _analyses(shown, ids, a.note, rc.agg))
     files = [out / f for f in record_plots(rows, out, f"{rc.dataset}, {rc.policy}")] if rows else []

@@ -75,14 +75,16 @@ def paired_interval(x: list[bool], y: list[bool], z: float = 1.96) -> tuple[floa
 def timed_chunks(run, ids: set) -> list[dict]:
     """The timed units of `run` whose problems are all among `ids`, each {"ids", "failed",
     "wall_s", "in_flight", "generated_tokens", "engine"}: its sessions.jsonl lines that list their
-    ids (one per `run_jobs` call: one (chunk, config) of an experiment, or one `ets run`), plus,
+    ids (one per `run_jobs` call: one (chunk, config) of an experiment, or one `ets run`; a call
+    that held several runs, as the pooled schedule's, is left out), plus,
     for a run directory made before sessions listed ids, the legacy bench_chunks.jsonl if there
     is one, else its id-less sessions matched to problems by finishing time (one session covers
     the next `computed` problems)."""
     sessions = run.sessions()
     out = [{"ids": s["ids"], "failed": [], "wall_s": s["wall_s"], "generated_tokens": s.get("generated_tokens", 0),
             "in_flight": min(s.get("concurrency", 1), len(s["ids"]) + s.get("failed", 0)),
-            "engine": s.get("engine") or {}} for s in sessions if s.get("ids")]
+            "engine": s.get("engine") or {}} for s in sessions
+           if s.get("ids") and s.get("interleaved_runs", 1) == 1]  # a pooled call times no single run
     legacy = run.path / LEGACY_CHUNK_LOG
     if legacy.exists():
         out += [json.loads(line) for line in legacy.read_text().splitlines() if line.strip()]
