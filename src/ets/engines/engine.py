@@ -39,7 +39,7 @@ from ets.engines.scheduler import Plan, Scheduler
 class TreeEngine:
     def __init__(self, runner: ModelRunner, store: KVStore, scheduler: Scheduler, step_end: StepEnd):
         self.runner, self.store, self.scheduler, self.step_end = runner, store, scheduler, step_end
-        self.batch = DecodeBatch(runner.device, runner.dtype)
+        self.batch = DecodeBatch(runner.device)
         self._task: asyncio.Task | None = None
         self.counters = {"policy_calls": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_calls": 0,
                          "decode_steps": 0, "waves": 0, "rows": 0, "max_batch_rows": 0, "generated_tokens": 0,
@@ -66,7 +66,7 @@ class TreeEngine:
                     self.scheduler.drop(req)
                     if not req.future.done():
                         req.future.set_exception(e)
-                self.batch = DecodeBatch(self.runner.device, self.runner.dtype)
+                self.batch = DecodeBatch(self.runner.device)
                 return
             for req in done:
                 if not req.future.done():
@@ -138,10 +138,8 @@ class TreeEngine:
                 req = self.scheduler.finish(row, None, 0)
                 done += [req] if req else []
                 continue
-            path = row.parent.path()
-            parts = [s.kv for s in path] + ([row.tail] if row.tail else [])
-            self.batch.add(row, parts, row.parent.end + row.fed, row.parent.end + row.fed,
-                           self.scheduler.max_batch)
+            parts = [s.kv for s in row.parent.path()] + ([row.tail] if row.tail else [])
+            self.batch.add(row, parts, row.parent.end + row.fed, self.scheduler.max_batch)
             row.tail = None
             self.scheduler.run(row)
         return done

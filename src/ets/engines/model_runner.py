@@ -40,11 +40,11 @@ class DecodeBatch:
     A row's history is a copy of its parent's path (prefix sharing is logical, in the KVStore)
     plus its step so far. Invariants: 0 <= start[s] <= end < width before a decode step."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: torch.device):
+        self.device = device
         self.rows: list = []
         self.start: list[int] = []
-        self.pos: list[int] = []  # absolute position of each row's next token
+        self.pos: list[int] = []  # absolute position of each row's next token (= its history's length)
         self.end = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -71,9 +71,9 @@ class DecodeBatch:
         self.start = [s + end - self.end for s in self.start]
         self.end = end
 
-    def add(self, row, parts: list[KV], length: int, pos: int, max_slots: int) -> None:
+    def add(self, row, parts: list[KV], length: int, max_slots: int) -> None:
         """Put `row` in the batch: its history is `parts` (per layer [H, t, D] pieces, `length`
-        tokens in all); its next token goes to position `pos`."""
+        tokens in all, from position 0); its next token goes to position `length`."""
         like = parts[0]
         n = len(self.rows)
         slots = self.k[0].shape[0] if self.k else 0
@@ -93,7 +93,7 @@ class DecodeBatch:
         row.slot = s
         self.rows.append(row)
         self.start.append(at)
-        self.pos.append(pos)
+        self.pos.append(length)
 
     def tail(self, row, n: int) -> KV | None:
         """Views of the KV of the last `n` tokens of `row`'s history (valid until the batch changes)."""
