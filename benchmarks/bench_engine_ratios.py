@@ -1,0 +1,173 @@
+"""The embedded engine against vLLM and against plain sampling: three ratios from one run on one
+machine (issue 13's targets).
+
+    embedded / vLLM         generated tok/s of the same search (--method at --width on the first
+                            --problems GSM8K problems, all in flight at once) on the embedded
+                            tree-KV engine and on a vLLM server serving the same model (--policy URL)
+    tree / plain generate   the embedded search's tok/s against `model.generate` sampling of
+                            problems x width sequences at once, --max-tokens each, same model
+    search / plain on vLLM  the vLLM search's tok/s against plain sampling of problems x width
+                            sequences on the same server (one request of `width` samples per
+                            problem, all in flight, --max-tokens each)
+
+Without --policy the two vLLM arms are skipped (it says so). Start the server with `ets serve`
+on the same model (`--model`: a folder or GGUF, default the embedded default model).
+
+    python benchmarks/bench_engine_ratios.py --problems 16 --width 8 --max-tokens 256 \\
+        [--policy http://127.0.0.1:8000] [--model PATH] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+
+from bench_engine import machine
+from ets.cli import parse_delimiter
+from ets.config import SamplingConfig, SearchConfig
+from ets.engines.base import Expansion
+from ets.engines.hf import load_policy
+from ets.factory import make_policy
+from ets.prm.default import DefaultPRM
+from ets.search import search
+from ets.tasks import load_dataset
+from ets.tree import Tree
+
+NEVER = "\x00never\x00"  # a step delimiter no model emits: a step is then a whole sample
+
+
+def search_arm(policy, prompts: list[str], cfg: SearchConfig, embedder) -> dict:
+    """Every problem's search at once on `policy`; generated tokens over wall time."""
+    async def all_problems():
+        return await asyncio.gather(*(search(p, policy, DefaultPRM(), cfg, embedder=embedder) for p in prompts))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(all_problems())
+    wall = time.perf_counter() - t0
+    gen = sum(r.counters["generated_tokens"] for r in results)
+    return {"sequences": len(prompts) * cfg.width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
+            "problems_s": len(prompts) / wall}
+
+
+def plain_generate_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
+    """`model.generate`: every prompt `width` times in one left-padded batch, `max_tokens` each
+    (a sequence's tokens counted up to its EOS)."""
+    tok, eos = policy.tok, policy.tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    ids = [policy.format_prompt(p)[0] for p in prompts]
+    L = max(map(len, ids))
+    inp = torch.tensor([[pad] * (L - len(x)) + x for x in ids], device=policy.device)
+    mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids], device=policy.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = policy.model.generate(inp, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
+                                    top_p=sampling.top_p, top_k=0, max_new_tokens=max_tokens,
+                                    num_return_sequences=width, pad_token_id=pad)
+    wall = time.perf_counter() - t0
+    gen = sum(next((i + 1 for i, t in enumerate(row) if t in policy.eos_ids), len(row))
+              for row in out[:, L:].tolist())
+    return {"sequences": len(prompts) * width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
+            "problems_s": len(prompts) / wall}
+
+
+def plain_server_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
+    """Plain sampling through the server: per problem one request for `width` samples of
+    `max_tokens` tokens (no step delimiter), every problem at once."""
+    plain = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, max_step_tokens=max_tokens,
+                           step_delimiter=NEVER)
+    roots = [Tree(*policy.format_prompt(p)).root for p in prompts]
+
+    async def all_problems():
+        return await asyncio.gather(*(policy.expand([Expansion(r, width)], plain) for r in roots))
+
+    t0 = time.perf_counter()
+    steps = asyncio.run(all_problems())
+    wall = time.perf_counter() - t0
+    gen = sum(len(s.token_ids) for per_problem in steps for s in per_problem[0])
+    return {"sequences": len(prompts) * width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
+            "problems_s": len(prompts) / wall}
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    return f"{a['tok_s'] / b['tok_s']:.2f}x" if a and b else "skipped (no --policy URL)"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problems", type=int, default=16)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--method", default="ets", help="search strategy (default ets)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens per trajectory, and per plain sample")
+    ap.add_argument("--max-step-tokens", type=int, default=256)
+    ap.add_argument("--step-delimiter", type=parse_delimiter, default=None,
+                    help="default: a newline for the default model, a blank line for any other (as `ets run`)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--embedder", default="minilm", help="ETS clustering embedder (default minilm)")
+    ap.add_argument("--model", default=None, help="model folder or .gguf of the embedded arms (default: SmolLM2-135M)")
+    ap.add_argument("--policy", default=None, help="vLLM server URL serving the same model (else those arms are skipped)")
+    ap.add_argument("--dtype", default=None, help="embedded engine dtype (default: by device and CPU features)")
+    ap.add_argument("--max-batch", type=int, default=None, help="embedded engine rows per decode (default problems x width)")
+    ap.add_argument("--kv-capacity", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    max_batch = args.max_batch or args.problems * args.width
+    policy = load_policy(args.model, seed=args.seed, dtype=args.dtype, kv_capacity=args.kv_capacity,
+                         max_batch=max_batch)
+    task, problems = load_dataset("gsm8k", limit=args.problems)
+    prompts = [task.prompt(p) for p in problems]
+    delim = args.step_delimiter if args.step_delimiter is not None else ("\n" if args.model is None else "\n\n")
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_step_tokens=args.max_step_tokens,
+                              step_delimiter=delim)
+    cfg = SearchConfig(strategy=args.method, width=args.width, max_tokens=args.max_tokens, seed=args.seed,
+                       sampling=sampling, strategy_params={"embedder": args.embedder} if args.method == "ets" else {})
+    embedder = None
+    if args.method == "ets":  # loaded and warmed before any clock starts
+        from ets.cluster import make_embedder
+
+        embedder = make_embedder(args.embedder)
+        embedder.embed(["warm up"])
+    print(f"machine: {machine(policy)}, dtype {policy.dtype}")
+    print(f"model: {policy.name}; {args.method} W={args.width} on the first {len(problems)} GSM8K problems, all in "
+          f"flight ({len(problems) * args.width} sequences); max_tokens {args.max_tokens}, max_step_tokens "
+          f"{args.max_step_tokens}, step delimiter {delim!r}, T={args.temperature}, top_p {args.top_p}; "
+          f"embedded max_batch {max_batch}, kv_capacity {args.kv_capacity}", flush=True)
+
+    arms: dict[str, dict | None] = {}
+    before = policy.stats()
+    arms["embedded search"] = search_arm(policy, prompts, cfg, embedder)
+    st = policy.stats()
+    print(f"  embedded engine: computed {st['computed_tokens'] - before['computed_tokens']} tokens, "
+          f"mean {st['mean_batch_rows']:.1f} rows per decode (max {st['max_batch_rows']}), "
+          f"{st['preempted_rows']} preempted, peak KV {st['peak_kv_tokens']}", flush=True)
+    arms["plain generate"] = plain_generate_arm(policy, prompts, args.width, sampling, args.max_tokens)
+    arms["vLLM search"] = arms["vLLM plain sampling"] = None
+    if args.policy:
+        server = make_policy(args.policy, seed=args.seed)
+        arms["vLLM search"] = search_arm(server, prompts, cfg, embedder)
+        arms["vLLM plain sampling"] = plain_server_arm(server, prompts, args.width, sampling, args.max_tokens)
+        asyncio.run(server.aclose())
+        print(f"  vLLM: {server.name} at {args.policy}")
+    else:
+        print("  vLLM arms skipped: no --policy URL given (start one with `ets serve` on the same model)")
+
+    cols = ["sequences", "generated", "wall_s", "tok_s", "problems_s"]
+    print(f"\n{'arm':>20} " + " ".join(f"{c:>10}" for c in cols))
+    for name, r in arms.items():
+        cells = ["-"] * len(cols) if r is None else [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        print(f"{name:>20} " + " ".join(f"{c:>10}" for c in cells))
+    print(f"\nembedded / vLLM, same search (tok/s):       {ratio(arms['embedded search'], arms['vLLM search'])}")
+    print(f"tree engine / plain generate (tok/s):       {ratio(arms['embedded search'], arms['plain generate'])}")
+    print(f"search / plain sampling, on vLLM (tok/s):   {ratio(arms['vLLM search'], arms['vLLM plain sampling'])}")
+
+
+if __name__ == "__main__":
+    main()
