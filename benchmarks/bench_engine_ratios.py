@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import torch
@@ -91,6 +92,17 @@ def plain_server_arm(policy, prompts: list[str], width: int, sampling: SamplingC
             "problems_s": len(prompts) / wall}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the load average when the run started (a shared machine says so)."""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    "unknown CPU")
+    except OSError:
+        name = "unknown CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{name}, load average {load:.1f} at start"
+
+
 def ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['tok_s'] / b['tok_s']:.2f}x" if a and b else "skipped (no --policy URL)"
 
@@ -135,7 +147,7 @@ def main(argv=None) -> None:
 
         embedder = make_embedder(args.embedder)
         embedder.embed(["warm up"])
-    print(f"machine: {machine(policy)}, dtype {policy.dtype}")
+    print(f"machine: {cpu_model()}; {machine(policy)}, dtype {policy.dtype}")
     print(f"model: {policy.name}; {args.method} W={args.width} on the first {len(problems)} GSM8K problems, all in "
           f"flight ({len(problems) * args.width} sequences); max_tokens {args.max_tokens}, max_step_tokens "
           f"{args.max_step_tokens}, step delimiter {delim!r}, T={args.temperature}, top_p {args.top_p}; "

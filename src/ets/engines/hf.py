@@ -56,7 +56,7 @@ class HFPolicy(Policy):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tok = tokenizer
-        self.kv_capacity, self.max_batch, self.system_prompt = kv_capacity, max_batch, system_prompt
+        self.max_batch, self.system_prompt = max_batch, system_prompt
         self.seed = seed  # the run's seed: child i of a node samples from row_generators(seed, path)[i]
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -69,6 +69,14 @@ class HFPolicy(Policy):
         self.engine = TreeEngine(ModelRunner(self.model, self.device, pad), self.store, self.scheduler,
                                  StepEnd(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), self.eos_ids))
         self.counters = self.engine.counters
+
+    @property
+    def kv_capacity(self) -> int | None:
+        return self.scheduler.capacity
+
+    @kv_capacity.setter
+    def kv_capacity(self, tokens: int | None) -> None:
+        self.scheduler.capacity = tokens
 
     @property
     def dtype(self) -> str:
