@@ -262,3 +262,22 @@ def test_the_delimiter_check_on_the_tail_agrees_on_the_default_models_tokenizer(
                 assert all(r in (None, LENGTH) for r in cut)
             else:
                 assert cut[first] == DELIMITER and all(r is None for r in cut[:first])
+
+
+def test_a_prompt_longer_than_the_prefill_budget_is_fed_in_chunks():
+    policy = checked(tiny_policy(seed=2, prefill_budget=4))
+    tree = Tree(*policy.format_prompt("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 ."))
+    prompt = tree.root.token_ids
+    other = Tree(*policy.format_prompt("1 + 2 = x ."))
+
+    async def both():
+        return await asyncio.gather(policy.expand([Expansion(tree.root, 3)], SAMPLING),
+                                    policy.expand([Expansion(other.root, 2)], SAMPLING))
+
+    steps = run(both())[0][0]
+    st = policy.stats()
+    assert st["prefill_tokens"] == len(prompt) + len(other.root.token_ids)  # each token fed once
+    assert st["prefill_calls"] >= -(-len(prompt) // 4)
+    for step in steps:
+        ref = reference_logprobs(policy.model, list(prompt), list(step.token_ids))
+        assert max(abs(a - b) for a, b in zip(ref, step.logprobs)) < 1e-4
