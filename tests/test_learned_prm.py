@@ -269,6 +269,26 @@ def test_rollouts_resume_and_nothing_is_fitted_until_all_are_in(toy, tmp_path, p
     assert rc == 0 and RunDir(d).sessions()[-1]["computed"] == 0
 
 
+def test_fit_done_fits_on_the_finished_rollouts_only(toy, tmp_path, planted, monkeypatch, capsys):
+    import numpy as np
+    import ets.runner
+
+    real = ets.runner.search
+
+    async def failing(prompt, *args, **kw):  # a training cut short: problems 20-29 never finish
+        if int(prompt.split("problem ")[1].split(":")[0]) >= 20:
+            raise RuntimeError("server went away")
+        return await real(prompt, *args, **kw)
+
+    monkeypatch.setattr(ets.runner, "search", failing)
+    assert _train(toy, tmp_path)[0] == 1
+    monkeypatch.setattr(ets.runner, "search", lambda *a, **k: pytest.fail("--fit-done sampled"))
+    rc, out = _train(toy, tmp_path, "--fit-done")
+    assert rc == 0 and out.exists()
+    meta = json.loads(str(np.load(out)["meta"]))
+    assert meta["data"]["problems"] == 20
+
+
 def test_math_shepherd_training_saves_and_reuses_completions(toy, tmp_path, planted, capsys):
     rc, out = _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3", "--json")
     assert rc == 0, capsys.readouterr().err

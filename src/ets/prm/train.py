@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
                    help="L2 weights tried (comma list; the best on a validation split of the training problems wins)")
     g.add_argument("--out", default=None, help="the PRM file (default RUNS_DIR/learned-prm-<rollout run>.npz)")
     g.add_argument("--resume", default=None, metavar="DIR", help="the rollout run directory to resume")
+    g.add_argument("--fit-done", action="store_true",
+                   help="sample nothing: fit on the rollouts already finished among the selected problems "
+                        "(for a training cut short; a later run without it samples the rest)")
     p.set_defaults(dataset="gsm8k-train", limit=1000, max_tokens=1024)
 
 
@@ -82,7 +85,14 @@ def command(a) -> int:
     run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
     print(f"rollouts: {run.path}  ({len(problems)} problems x {a.samples} samples, "
           f"{sum(run.is_done(p.id) for p in problems)} problems already done); policy {identity}", file=sys.stderr)
-    groups = [[Job(p, cfg, run)] for p in problems]
+    if a.fit_done:
+        problems = [p for p in problems if run.is_done(p.id)]
+        if len(problems) < 2:
+            raise BadInput(f"--fit-done: {len(problems)} finished rollout problems in {run.path}; "
+                           "run without --fit-done to sample some first")
+        if a.labels != "outcome":
+            raise BadInput("--fit-done fits outcome labels only (mc-* labels need every completion sampled)")
+    groups = [] if a.fit_done else [[Job(p, cfg, run)] for p in problems]
 
     async def work(policy, prm):
         outcomes = await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
@@ -92,10 +102,13 @@ def command(a) -> int:
             await mc_completions(run, problems, task, policy, cfg, a.mc_k, rc.concurrency, not a.no_progress)
         return failures
 
-    try:
-        failures = cli._execute(work, a, rc, models=models)
-    finally:
-        write_summary(run, [p.id for p in problems])
+    if a.fit_done:
+        failures = []
+    else:
+        try:
+            failures = cli._execute(work, a, rc, models=models)
+        finally:
+            write_summary(run, [p.id for p in problems])
     if failures:
         cli._report_failures(failures)
         print("no PRM was fitted: every rollout must be in first.", file=sys.stderr)
