@@ -46,7 +46,8 @@ class RunConfig:
     embedder: str = "minilm"  # ETS clustering embedder (ets.cluster.EMBEDDERS)
     concurrency: int = 1  # problems in flight at once
     # KV tokens the embedded engine may hold at once, as a serving engine's cache size: beyond it
-    # a depth's sequences are decoded in waves (None: unbounded). An error with server/mock policies.
+    # rows wait, are preempted or tree KV is evicted and recomputed (None: unbounded). An error
+    # with server/mock policies.
     kv_capacity: int | None = None
     runs_dir: str = "runs"
     vote: str = "weighted"  # answer selection recorded in results (ets.answer)

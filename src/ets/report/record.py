@@ -14,7 +14,7 @@ Row columns (n = problems every config finished, the same problems in every row)
   problems_per_s, tokens_per_s  problems and generated tokens per second of wall clock over the
                               timed chunks (`timed_chunks`), with `in_flight` problems at once
   select_ms_per_step          strategy decision time per selection step (depth >= 1)
-  waves                       embedded engine: decode waves over the timed chunks
+  waves                       embedded engine: iterations at which rows joined the batch (timed chunks)
 """
 
 from __future__ import annotations
