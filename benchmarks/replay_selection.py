@@ -52,8 +52,10 @@ def main(argv=None) -> int:
     out = replay(records, settings, make_embedder(args.embedder))
     rows = summarize(out, "rebase")
     runs = ", ".join(Path(d).name for d in args.run_dirs)
+    command = "python benchmarks/replay_selection.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Replay of {len(records)} problems' decisions from {runs} (W={width}); reference: REBASE "
-            f"at the same decisions.\n\n{replay_markdown(rows, 'rebase')}\n")
+            f"at the same decisions (a one-decision counterfactual: the same candidates and scores, "
+            f"no generation; accuracy needs real runs).\n\n`{command}`\n\n{replay_markdown(rows, 'rebase')}\n")
     print(text)
     if args.out:
         path = Path(args.out)
