@@ -283,10 +283,12 @@ def test_fit_done_fits_on_the_finished_rollouts_only(toy, tmp_path, planted, mon
     monkeypatch.setattr(ets.runner, "search", failing)
     assert _train(toy, tmp_path)[0] == 1
     monkeypatch.setattr(ets.runner, "search", lambda *a, **k: pytest.fail("--fit-done sampled"))
+    # nor does it need the policy: its identity was kept beside the rollouts
+    monkeypatch.setattr(ets.factory, "make_policy", lambda *a, **k: pytest.fail("--fit-done made a policy"))
     rc, out = _train(toy, tmp_path, "--fit-done")
     assert rc == 0 and out.exists()
     meta = json.loads(str(np.load(out)["meta"]))
-    assert meta["data"]["problems"] == 20
+    assert meta["data"]["problems"] == 20 and meta["policy"] == "planted"
 
 
 def test_math_shepherd_training_saves_and_reuses_completions(toy, tmp_path, planted, capsys):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 LABELS = ("outcome", "mc-soft", "mc-hard")
 DEFAULT_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+POLICY_IDENTITY_FILE = "policy_identity.txt"  # in the rollout run directory
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -80,9 +81,15 @@ def command(a) -> int:
                                   rc.answer_field, rc.id_field)
     if not problems:
         raise BadInput(f"--offset {rc.offset}: no problems left in {rc.dataset}; lower --offset")
-    models = cli._models(a, rc)
-    identity = policy_identity(models[0])
     run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
+    # the policy's identity is kept beside the rollouts, so --fit-done needs no server
+    known = run.path / POLICY_IDENTITY_FILE
+    if a.fit_done and known.exists():
+        models, identity = None, known.read_text().strip()
+    else:
+        models = cli._models(a, rc)
+        identity = policy_identity(models[0])
+        known.write_text(identity + "\n")
     print(f"rollouts: {run.path}  ({len(problems)} problems x {a.samples} samples, "
           f"{sum(run.is_done(p.id) for p in problems)} problems already done); policy {identity}", file=sys.stderr)
     if a.fit_done:
