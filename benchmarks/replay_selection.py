@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ets.cluster import make_embedder
-from ets.report.replay import grid, replay, replay_markdown, summarize
+from ets.report.replay import grid, replay, replay_markdown, run_width, summarize
 from ets.runs import RunDir
 from ets.strategies.ets import ETSConfig
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     records = [r for d in args.run_dirs for r in RunDir(d).iter_problems()]
     if not records:
         raise SystemExit(f"no finished problems under {args.run_dirs}")
-    width = sum(records[0]["trace"][0]["alloc"])
+    width = run_width(records[0])
     settings = grid(width, floats(args.lambda_c), floats(args.lambda_s_scale), embedder=args.embedder)
     paper = ETSConfig.for_width(width, embedder=args.embedder)  # the defaults: lambda_c 1, paper lambda_s
     for t in floats(args.thresholds):

@@ -16,8 +16,8 @@ from ets.engines.sampler import StepEnd
 from ets.prm.default import DefaultPRM
 from ets.search import search
 from ets.tree import Tree
-from test_engine_hf import (SAMPLING, reference_logprobs, run, tiny_model, tiny_policy, tiny_tokenizer,
-                            tree_shape, unique_tokens)
+from test_engine_hf import (SAMPLING, assert_exact_logprobs, reference_logprobs, run, tiny_model, tiny_policy,
+                            tiny_tokenizer, tree_shape, unique_tokens)
 
 QUESTIONS = ["5 + 7 = x .", "1 + 2 = x .", "3 + 3 = x ."]
 LONG = SamplingConfig(max_step_tokens=40, step_delimiter=". 1")  # steps of up to 40 tokens
@@ -185,10 +185,7 @@ def test_rows_joining_and_leaving_keep_exact_logprobs(monkeypatch):
     first, second = run(staggered())
     checked_steps = 0
     for node, steps in [(kids[0], first[0]), (tb.root, second[0]), (kids[1], second[1])]:
-        for step in steps:
-            ref = reference_logprobs(policy.model, node.path_token_ids(), list(step.token_ids))
-            assert max(abs(a - b) for a, b in zip(ref, step.logprobs)) < 1e-4
-            checked_steps += 1
+        checked_steps += assert_exact_logprobs(policy.model, node, steps)
     assert checked_steps == 8
 
 

@@ -63,6 +63,15 @@ def reference_logprobs(model, prefix, step):
     return [lp[len(prefix) - 1 + i, t].item() for i, t in enumerate(step)]
 
 
+def assert_exact_logprobs(model, node, steps) -> int:
+    """Each step's log-probs equal a full forward's over `node`'s path + the step; returns the
+    number of steps checked."""
+    for step in steps:
+        ref = reference_logprobs(model, node.path_token_ids(), list(step.token_ids))
+        assert max(abs(a - b) for a, b in zip(ref, step.logprobs)) < 1e-4
+    return len(steps)
+
+
 def test_reused_kv_gives_the_same_logprobs_as_a_full_forward():
     policy = tiny_policy(seed=3)
     ids, text = policy.format_prompt("1 + 2 = x .")
@@ -74,10 +83,7 @@ def test_reused_kv_gives_the_same_logprobs_as_a_full_forward():
     checked = 0
     for node, node_steps in zip([kids[1], grand[0]], steps):
         assert len(node_steps) == (3 if node is kids[1] else 2)
-        for step in node_steps:
-            ref = reference_logprobs(policy.model, node.path_token_ids(), list(step.token_ids))
-            assert max(abs(a - b) for a, b in zip(ref, step.logprobs)) < 1e-4
-            checked += 1
+        checked += assert_exact_logprobs(policy.model, node, node_steps)
     assert checked == 5
 
 

@@ -119,14 +119,19 @@ def plan(rcs: list[RunConfig], loaded: list[tuple[Task, list[Problem]]], methods
     return arms
 
 
+def by_dataset(arms: list[Arm]) -> list[list[Arm]]:
+    """The arms grouped by dataset (arms sharing a problem list), in first-seen order."""
+    groups: dict[int, list[Arm]] = {}
+    for a in arms:
+        groups.setdefault(id(a.problems), []).append(a)
+    return list(groups.values())
+
+
 def schedule(arms: list[Arm], concurrency: int) -> list[tuple[int, Arm, list[Problem]]]:
     """(chunk index, arm, that chunk's problems) in run order: per dataset, chunks of
     `concurrency` problems; per chunk, that dataset's arms rotated left by the chunk index."""
     out, ci = [], 0
-    groups: dict[int, list[Arm]] = {}
-    for a in arms:  # arms sharing a problem list form one dataset
-        groups.setdefault(id(a.problems), []).append(a)
-    for group in groups.values():
+    for group in by_dataset(arms):
         problems = group[0].problems
         for i in range(0, len(problems), concurrency):
             k = ci % len(group)
@@ -152,10 +157,7 @@ async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vot
     failures = []
     t0 = time.perf_counter()
     if schedule_ == "pooled":
-        datasets: dict[int, list[Arm]] = {}
-        for a in arms:
-            datasets.setdefault(id(a.problems), []).append(a)
-        for group in datasets.values():
+        for group in by_dataset(arms):
             jobs = [[Job(p, a.cfg, a.run) for a in group] for p in group[0].problems]
             outcomes = await run_jobs(jobs, group[0].task, policy, prm, embedders=embedders,
                                       concurrency=concurrency, vote=vote, agg=agg, progress=False)

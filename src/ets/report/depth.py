@@ -18,6 +18,8 @@ Depths past `max_depth` are pooled into one row "max_depth+".
 
 from __future__ import annotations
 
+from ets.report.table import format_table
+
 
 def _mean(xs):
     xs = [x for x in xs if x is not None]
@@ -47,17 +49,11 @@ def per_depth(records: list[dict], max_depth: int = 10) -> list[dict]:
 
 
 def depth_markdown(label: str, rows: list[dict]) -> str:
-    def f(x, fmt="{:.1f}"):
-        return "-" if x is None else fmt.format(x)
-
-    lines = [f"**{label}**", "",
-             "| depth | problems | candidates | kept | REBASE would keep | top share | clusters | KV nodes | KV tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['depth']} | {r['problems']} | {f(r['candidates'])} | {f(r['kept'])} | "
-                     f"{f(r['rebase_kept'])} | {f(r['top_share'], '{:.2f}')} | {f(r['clusters'])} | "
-                     f"{f(r['kv_nodes'])} | {f(r['kv_tokens'], '{:.0f}')} |")
-    return "\n".join(lines)
+    return f"**{label}**\n\n" + format_table(rows, [
+        ("depth", "depth", "{}"), ("problems", "problems", "{}"), ("candidates", "candidates", "{:.1f}"),
+        ("kept", "kept", "{:.1f}"), ("rebase_kept", "REBASE would keep", "{:.1f}"),
+        ("top_share", "top share", "{:.2f}"), ("clusters", "clusters", "{:.1f}"), ("kv_nodes", "KV nodes", "{:.1f}"),
+        ("kv_tokens", "KV tokens", "{:.0f}")], markdown=True)
 
 
 def runs_depth_markdown(runs: list[tuple[str, list[dict]]], max_depth: int = 10) -> str:

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ets.report.table import format_table
 from ets.strategies.base import Frontier
 from ets.strategies.ets import ETS, ETSConfig
 from ets.strategies.rebase import rebase_allocate
@@ -45,12 +46,17 @@ class CachedEmbedder:
         return np.stack([self._cache[t] for t in texts])
 
 
+def run_width(record: dict) -> int:
+    """The width a saved problem was searched at: the root's first expansion got all of it."""
+    return sum(record["trace"][0]["alloc"]) if record.get("trace") else 0
+
+
 def decisions(records: list[dict]):
     """(problem id, tree, depth, candidates, remaining, width) for every traced decision with a
     choice to make (>= 2 candidates)."""
     for r in records:
         tree = tree_from_dict(r["tree"])
-        width = sum(r["trace"][0]["alloc"]) if r.get("trace") else 0
+        width = run_width(r)
         for t in r.get("trace", []):
             if t["depth"] < 1 or len(t.get("candidate_ids", [])) < 2:
                 continue
@@ -58,13 +64,13 @@ def decisions(records: list[dict]):
             yield r["id"], tree, t["depth"], cands, t["remaining"], width
 
 
-def _measure(tree, depth: int, cands, alloc, remaining: int) -> dict:
+def _measure(cands, alloc, children_tokens: float) -> dict:
+    """What `alloc` keeps of `cands`; `children_tokens`: the estimate of the new children's own
+    tokens (the same for every setting at one decision)."""
     kept = [c for c, a in zip(cands, alloc) if a > 0]
     kv = kv_footprint(kept)
-    nxt = tree.at_depth(depth + 1)
-    step = float(np.mean([len(n.token_ids) for n in nxt])) if nxt else 0.0
     return {"kept": len(kept), "kept_nodes": kv.nodes, "kept_tokens": kv.tokens,
-            "next_kv": kv.tokens + remaining * step, "top_share": max(alloc) / max(sum(alloc), 1)}
+            "next_kv": kv.tokens + children_tokens, "top_share": max(alloc) / max(sum(alloc), 1)}
 
 
 def replay(records: list[dict], settings: dict[str, ETSConfig | None], embedder) -> dict[str, list[dict]]:
@@ -75,13 +81,15 @@ def replay(records: list[dict], settings: dict[str, ETSConfig | None], embedder)
     out: dict[str, list[dict]] = {k: [] for k in settings}
     for pid, tree, depth, cands, remaining, width in decisions(records):
         scores = [c.score for c in cands]
+        nxt = tree.at_depth(depth + 1)
+        children_tokens = remaining * (float(np.mean([len(n.token_ids) for n in nxt])) if nxt else 0.0)
         frontier = Frontier(depth=depth, candidates=cands, finished=[], remaining=remaining, width=width)
         for label, cfg in settings.items():
             if cfg is None:
                 alloc = rebase_allocate(scores, remaining, temp)
             else:
                 alloc, _ = ETS(cfg, width, embedder=embedder).select(frontier)
-            out[label].append({"problem": pid, "depth": depth, **_measure(tree, depth, cands, alloc, remaining)})
+            out[label].append({"problem": pid, "depth": depth, **_measure(cands, alloc, children_tokens)})
     return out
 
 
@@ -101,18 +109,16 @@ def summarize(out: dict[str, list[dict]], reference: str) -> list[dict]:
 
 
 def replay_markdown(rows: list[dict], reference: str) -> str:
-    lines = [f"| setting | decisions | kept cand. | kept nodes | kept KV tok | {reference} / it (kept KV) | "
-             f"next-depth KV (est.) | {reference} / it (next KV) | top share |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['decisions']} | {r['kept']:.1f} | {r['kept_nodes']:.1f} | "
-                     f"{r['kept_tokens']:.0f} | {r['kept_ratio']:.2f}x | {r['next_kv']:.0f} | "
-                     f"{r['next_ratio']:.2f}x | {r['top_share']:.2f} |")
-    return "\n".join(lines)
+    return format_table(rows, [
+        ("setting", "setting", "{}"), ("decisions", "decisions", "{}"), ("kept", "kept cand.", "{:.1f}"),
+        ("kept_nodes", "kept nodes", "{:.1f}"), ("kept_tokens", "kept KV tok", "{:.0f}"),
+        ("kept_ratio", f"{reference} / it (kept KV)", "{:.2f}x"), ("next_kv", "next-depth KV (est.)", "{:.0f}"),
+        ("next_ratio", f"{reference} / it (next KV)", "{:.2f}x"), ("top_share", "top share", "{:.2f}")],
+        markdown=True)
 
 
 def grid(width: int, lambda_c=(0.5, 1.0, 2.0, 4.0), lambda_s_scale=(0.0, 1.0, 2.0),
-         extra: dict[str, ETSConfig] | None = None, embedder: str = "minilm") -> dict[str, ETSConfig | None]:
+         embedder: str = "minilm") -> dict[str, ETSConfig | None]:
     """REBASE plus ETS over lambda_c x lambda_s (as multiples of the paper's value for the width)."""
     base = ETSConfig.for_width(width, embedder=embedder)
     settings: dict[str, ETSConfig | None] = {"rebase": None}
@@ -120,5 +126,4 @@ def grid(width: int, lambda_c=(0.5, 1.0, 2.0, 4.0), lambda_s_scale=(0.0, 1.0, 2.
         for s in lambda_s_scale:
             settings[f"ets lambda_c={lc:g} lambda_s={base.lambda_s * s:g}"] = replace(
                 base, lambda_c=lc, lambda_s=base.lambda_s * s)
-    settings.update(extra or {})
     return settings
