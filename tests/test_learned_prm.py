@@ -186,6 +186,34 @@ def test_train_prm_learns_the_planted_signal_and_round_trips(toy, tmp_path, plan
     assert prm.predict(row)[0] == pytest.approx(sg)
 
 
+def test_stats_feature_set_needs_no_embedder_and_round_trips(toy, tmp_path, planted, monkeypatch, capsys):
+    import ets.cluster
+
+    def no_embedder(*a, **kw):
+        raise AssertionError("the stats feature set must not load an embedder")
+
+    monkeypatch.setattr(ets.cluster, "make_embedder", no_embedder)
+    rc, out = _train(toy, tmp_path, "--features", "stats", "--json")
+    assert rc == 0, capsys.readouterr().err
+    arrays, saved = learned.load(out)
+    f = saved["features"]
+    assert f["set"] == "stats" and f["dim"] == len(learned.STAT_NAMES) == len(arrays["weight"])
+    assert "embedder" not in f and f["stats"] == list(learned.STAT_NAMES)
+    prm = learned.LearnedPRM(out, policy=PlantedPolicy())
+    assert prm.features.feature_set == "stats" and prm.features.embedder is None
+    tree = Tree([1], "q")
+    a = tree.add_child(tree.root, [2], "Plan: careful\n\n", DELIMITER, [-0.1, -0.3])
+    b = tree.add_child(a, [3], "3 * 4 = 12 so \\boxed{12}", EOS, [-0.2])
+    [sa, sb] = asyncio.run(prm.score([ScoreRequest("q", b)]))[0]
+    rows = prm.features.rows(["q", "q"], [[(a.text, a.logprobs)], [(a.text, a.logprobs), (b.text, b.logprobs)]])
+    assert rows.shape == (2, len(learned.STAT_NAMES))
+    assert list(prm.predict(rows)) == pytest.approx([sa, sb])
+    monkeypatch.undo()  # a file without "set" (made before feature sets) reads as the full set
+    assert learned.Features.from_meta({"embedder": "hash", "tail_chars": 10}).feature_set == "full"
+    with pytest.raises(ValueError, match="feature set"):
+        learned.Features("hash", feature_set="nope")
+
+
 def test_learned_prm_scores_every_step_once_per_node(toy, tmp_path, planted):
     rc, out = _train(toy, tmp_path)
     assert rc == 0

@@ -5,16 +5,20 @@ score of step i of a path is the estimated probability that a solution through s
 with the right answer (an outcome-supervised value model; with Math-Shepherd labels, the
 estimated share of completions from that prefix that reach the gold answer).
 
-Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1:
-    e(q), e(p), e(q) * e(p)     e = the embedder (MiniLM, or the hashed bag of words for tests),
+Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1, by feature set (FEATURE_SETS):
+    "full" (default):
+      e(q), e(p), e(q) * e(p)   e = the embedder (MiniLM, or the hashed bag of words for tests),
                                 p = the last `tail_chars` characters of steps 1..i joined;
-    STAT_NAMES                  the policy's token log-prob statistics of step i and of the
+      STAT_NAMES                the policy's token log-prob statistics of step i and of the
                                 prefix, depth, token counts, whether step i states a final answer,
                                 and the arithmetic checks of ets.prm.default over steps 1..i.
+    "stats": STAT_NAMES only (13 columns, no embedder loaded): what the default PRM looks at,
+      weighted by a fit instead of by hand; too few columns to memorise a few hundred problems.
 
 The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] and `meta`, a JSON
 string: {"format", "kind", "policy" (policy_identity of the policy it was trained on),
-"features" {"version", "embedder", "embedder_name", "tail_chars", "stats", "dim"}, "labels",
+"features" {"version", "set", "embedder", "embedder_name", "tail_chars", "stats", "dim"} (a file
+without "set" is "full"), "labels",
 "data", "fit", "heldout", "train"}. Loaded without pickle.
 """
 
@@ -32,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.train import FEATURE_SETS  # defined there: the CLI reads it without importing numpy
 
 FORMAT = 1
 KIND = "ets-learned-prm"
@@ -84,18 +89,28 @@ def _stats(steps: Sequence[tuple[str, Sequence[float] | None]]) -> np.ndarray:
 
 class Features:
     """Feature rows of solution prefixes (see the module docstring). `embedder`: a key of
-    ets.cluster.EMBEDDERS ("minilm" | "hash"). Question embeddings are cached by text."""
+    ets.cluster.EMBEDDERS ("minilm" | "hash"), unused (not loaded) by the "stats" set. Question
+    embeddings are cached by text."""
 
-    def __init__(self, embedder: str = "minilm", tail_chars: int = 1000):
+    def __init__(self, embedder: str = "minilm", tail_chars: int = 1000, feature_set: str = "full"):
         from ets.cluster import make_embedder
 
-        self.embedder_key, self.tail_chars = embedder, tail_chars
-        self.embedder = make_embedder(embedder)
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"feature set must be one of {FEATURE_SETS}, got {feature_set!r}")
+        self.embedder_key, self.tail_chars, self.feature_set = embedder, tail_chars, feature_set
+        self.embedder = make_embedder(embedder) if feature_set == "full" else None
         self._questions: dict[str, np.ndarray] = {}
 
     def describe(self) -> dict:
-        return {"version": FEATURES_VERSION, "embedder": self.embedder_key, "embedder_name": self.embedder.name,
-                "tail_chars": self.tail_chars, "stats": list(STAT_NAMES)}
+        out = {"version": FEATURES_VERSION, "set": self.feature_set, "stats": list(STAT_NAMES)}
+        if self.embedder is not None:
+            out |= {"embedder": self.embedder_key, "embedder_name": self.embedder.name, "tail_chars": self.tail_chars}
+        return out
+
+    @classmethod
+    def from_meta(cls, f: dict) -> "Features":
+        """The Features a file's meta["features"] describes."""
+        return cls(f.get("embedder", "minilm"), f.get("tail_chars", 1000), f.get("set", "full"))
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         e = np.asarray(self.embedder.embed(texts), np.float64)
@@ -108,6 +123,10 @@ class Features:
         of question `questions[n]`."""
         if len(questions) != len(prefixes):
             raise ValueError("one question per prefix")
+        if self.embedder is None:
+            if not prefixes:
+                return np.zeros((0, len(STAT_NAMES)), np.float32)
+            return np.stack([_stats(steps) for steps in prefixes]).astype(np.float32)
         new = sorted({q for q in questions if q not in self._questions})
         for i in range(0, len(new), batch):
             for q, e in zip(new[i:i + batch], self._embed(new[i:i + batch])):
@@ -199,8 +218,9 @@ class LearnedPRM(RewardModel):
                     f"policy); train one for it with `ets train-prm --policy ...`, or pass "
                     f"learned:{self.path}?any_policy=1 to use it anyway")
         f = self.meta["features"]
-        self.features = Features(f["embedder"], f["tail_chars"])
-        if self.features.embedder.name != f.get("embedder_name", self.features.embedder.name):
+        self.features = Features.from_meta(f)
+        if self.features.embedder is not None and \
+                self.features.embedder.name != f.get("embedder_name", self.features.embedder.name):
             raise ValueError(f"{self.path} was made with embedder {f['embedder_name']!r}, this one is "
                              f"{self.features.embedder.name!r}")
         self.name = f"learned:{self.path.name}@{file_digest(self.path)}"

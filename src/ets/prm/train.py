@@ -13,8 +13,8 @@
      whether any does (hard). Completions are saved per problem under
      RUN_DIR/mc-k<K>-<hash>/, so they resume too. Costly: about K x (steps per rollout) more
      generation than the rollouts themselves.
-3. Features per prefix: ets.prm.learned.Features (embedding of the prompt and of the prefix, the
-   policy's log-prob statistics, arithmetic checks).
+3. Features per prefix: ets.prm.learned.Features, `--features full` (embedding of the prompt and
+   of the prefix, the policy's log-prob statistics, arithmetic checks) or `stats` (the last two).
 4. Fit: L2 logistic regression on standardised features (scipy L-BFGS), the L2 weight chosen
    among `--l2` by prefix AUROC on a validation split of the training problems, then refit on
    all of them. A held-out split BY PROBLEM (`--holdout`, by a hash of the problem id) is never
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 LABELS = ("outcome", "mc-soft", "mc-hard")
+FEATURE_SETS = ("full", "stats")  # ets.prm.learned.Features; here so that the CLI need not import numpy
 DEFAULT_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
 POLICY_IDENTITY_FILE = "policy_identity.txt"  # in the rollout run directory
 
@@ -47,6 +48,9 @@ def add_arguments(p) -> None:
                    help="outcome: each prefix gets its rollout's outcome (default); mc-soft/mc-hard: Math-Shepherd, "
                         "--mc-k completions from every prefix")
     g.add_argument("--mc-k", type=int, default=4, help="completions per prefix for mc-* labels (default 4)")
+    g.add_argument("--features", choices=FEATURE_SETS, default="full",
+                   help="full: embeddings (--embedder) of the question and prefix plus log-prob and arithmetic "
+                        "statistics (default); stats: the statistics only (13 columns, no embedder)")
     g.add_argument("--holdout", type=float, default=0.2, help="share of problems held out, by problem (default 0.2)")
     g.add_argument("--l2", default=",".join(map(str, DEFAULT_L2)),
                    help="L2 weights tried (comma list; the best on a validation split of the training problems wins)")
@@ -126,7 +130,7 @@ def command(a) -> int:
                  "max_tokens": cfg.max_tokens, "max_depth": cfg.max_depth, "seed": cfg.seed},
              "rollout_prm": run.config()["identity"]["prm"], "command": "ets " + " ".join(getattr(a, "argv", []))}
     meta = train_from_run(run, [p.id for p in problems], out, identity, embedder=rc.embedder, labels=a.labels,
-                          mc_k=a.mc_k, holdout=a.holdout, l2=l2, seed=a.seed, setup=setup, started=t0)
+                          feature_set=a.features, mc_k=a.mc_k, holdout=a.holdout, l2=l2, seed=a.seed, setup=setup, started=t0)
     print(json.dumps(meta, indent=1) if a.json else summary_line(meta, out))
     return 0
 
@@ -340,12 +344,12 @@ def heldout_figures(ex: Examples, scores, mask, task) -> dict:
 # -- the whole training --------------------------------------------------------------------------
 
 def train_from_run(run, problem_ids, out, policy: str, embedder: str = "minilm", labels: str = "outcome",
-                   mc_k: int = 4, holdout: float = 0.2, l2=DEFAULT_L2, seed: int = 0, setup: dict | None = None,
+                   feature_set: str = "full", mc_k: int = 4, holdout: float = 0.2, l2=DEFAULT_L2, seed: int = 0, setup: dict | None = None,
                    started: float | None = None, features=None) -> dict:
     """Fit a learned PRM on the finished rollouts of `run` (a RunDir) for `problem_ids` and save it
     to `out`; returns its metadata. `policy`: the policy identity recorded in the file. mc-*
     labels read the completions mc_completions saved in the run directory. `features`: a
-    ets.prm.learned.Features (default: one over `embedder`)."""
+    ets.prm.learned.Features (default: `feature_set` over `embedder`)."""
     import numpy as np
 
     from ets.prm import learned
@@ -367,7 +371,7 @@ def train_from_run(run, problem_ids, out, policy: str, embedder: str = "minilm",
     if len(set(y[~held] >= 0.5)) < 2:
         raise ValueError(f"every training prefix has the same label ({y[~held][0]}): the policy got every training "
                          "problem right or every one wrong; use more or other problems (or more --samples)")
-    features = features or learned.Features(embedder)
+    features = features or learned.Features(embedder, feature_set=feature_set)
     t_feat = time.perf_counter()
     x = features.rows(ex.question, ex.prefix)
     features_s = time.perf_counter() - t_feat
