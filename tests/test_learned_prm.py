@@ -214,6 +214,35 @@ def test_stats_feature_set_needs_no_embedder_and_round_trips(toy, tmp_path, plan
         learned.Features("hash", feature_set="nope")
 
 
+def test_answer_statistics_read_the_question_and_the_answer():
+    q = "Tom has 12 apples and buys 3 bags of 4. How many apples?"
+    steps = [("He buys 3 * 4 = 12 apples.\n\n", [-0.1, -0.2]), ("12 + 12 = 24 so \\boxed{24}", [-0.3])]
+    v = learned.stat_values(q, steps)
+    assert set(v) == set(learned.STAT_NAMES)
+    assert v["question_numbers_used"] == 1.0 and v["answer_integer"] == 1.0 and v["answer_not_integer"] == 0.0
+    assert v["answer_computed"] == 1.0 and v["answer_in_question"] == 0.0 and v["answer_negative"] == 0.0
+    assert v["answer_log_magnitude"] == pytest.approx(np.log10(25)) and v["repeated_lines"] == 0.0
+    assert v["arith_right_log"] == pytest.approx(np.log1p(2)) and v["final_answer"] == 1.0
+    copied = learned.stat_values(q, [("Same line\n", None), ("Same line\nso \\boxed{-2.5}", None)])
+    assert copied["question_numbers_used"] == 0.0 and copied["answer_not_integer"] == 1.0
+    assert copied["answer_negative"] == 1.0 and copied["answer_computed"] == 0.0 and copied["repeated_lines"] == pytest.approx(1 / 3)
+    assert learned.stat_values(q, [("So \\boxed{12}", None)])["answer_in_question"] == 1.0
+    none = learned.stat_values(q, [("Let us think.", [-1.0])])
+    assert none["final_answer"] == none["answer_integer"] == none["answer_not_integer"] == 0.0
+
+
+def test_a_file_keeps_the_statistics_it_was_fitted_on():
+    """Files list their statistics by name: one made before STAT_NAMES_ANSWER existed (no "stats"
+    key, or the 13 V1 names) gets its 13 columns back; a name this ets does not know is refused."""
+    old = learned.Features.from_meta({"set": "stats"})
+    row = old.rows(["q 1"], [[("1 + 1 = 2 so \\boxed{2}", [-0.5])]])
+    assert old.stats == learned.STAT_NAMES_V1 and row.shape == (1, 13)
+    full = learned.Features("hash", feature_set="stats")
+    assert full.rows(["q 1"], [[("1 + 1 = 2 so \\boxed{2}", [-0.5])]])[0, :13].tolist() == row[0].tolist()
+    with pytest.raises(ValueError, match="unknown statistics"):
+        learned.Features.from_meta({"set": "stats", "stats": ["last_lp_mean", "from_the_future"]})
+
+
 def test_learned_prm_scores_every_step_once_per_node(toy, tmp_path, planted):
     rc, out = _train(toy, tmp_path)
     assert rc == 0

@@ -9,16 +9,19 @@ Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1, by feature se
     "full" (default):
       e(q), e(p), e(q) * e(p)   e = the embedder (MiniLM, or the hashed bag of words for tests),
                                 p = the last `tail_chars` characters of steps 1..i joined;
-      STAT_NAMES                the policy's token log-prob statistics of step i and of the
+      statistics                the policy's token log-prob statistics of step i and of the
                                 prefix, depth, token counts, whether step i states a final answer,
-                                and the arithmetic checks of ets.prm.default over steps 1..i.
-    "stats": STAT_NAMES only (13 columns, no embedder loaded): what the default PRM looks at,
-      weighted by a fit instead of by hand; too few columns to memorise a few hundred problems.
+                                the arithmetic checks of ets.prm.default over steps 1..i
+                                (STAT_NAMES_V1), and what the prefix does with the question's
+                                numbers and its final answer (STAT_NAMES_ANSWER); see stat_values.
+    "stats": the statistics only (21 columns, no embedder loaded): what the default PRM looks at
+      and a few plain facts about the answer, weighted by a fit instead of by hand; too few
+      columns to memorise a few hundred problems.
 
 The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] and `meta`, a JSON
 string: {"format", "kind", "policy" (policy_identity of the policy it was trained on),
-"features" {"version", "set", "embedder", "embedder_name", "tail_chars", "stats", "dim"} (a file
-without "set" is "full"), "labels",
+"features" {"version", "set", "embedder", "embedder_name", "tail_chars", "stats" (the statistics' names, in
+column order), "dim"} (a file without "set" is "full"; without "stats", STAT_NAMES_V1), "labels",
 "data", "fit", "heldout", "train"}. Loaded without pickle.
 """
 
@@ -28,6 +31,7 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,10 +45,17 @@ from ets.prm.train import FEATURE_SETS  # defined there: the CLI reads it withou
 FORMAT = 1
 KIND = "ets-learned-prm"
 FEATURES_VERSION = 1
-STAT_NAMES = ("last_lp_mean", "last_lp_min", "last_lp_std", "last_tokens_log", "path_lp_mean",
-              "path_step_lp_min", "has_logprobs", "depth_log", "path_tokens_log", "final_answer",
-              "arith_right_log", "arith_wrong_log", "arith_wrong_any")
-
+# The statistics of a prefix, by name (a file lists the names it was fitted on, in order, so
+# that files made before a statistic was added keep their columns).
+STAT_NAMES_V1 = ("last_lp_mean", "last_lp_min", "last_lp_std", "last_tokens_log", "path_lp_mean",
+                 "path_step_lp_min", "has_logprobs", "depth_log", "path_tokens_log", "final_answer",
+                 "arith_right_log", "arith_wrong_log", "arith_wrong_any")
+# Read against the question: the share of the question's numbers the prefix uses, and for a
+# prefix that states a final answer, what kind of number it is and where it came from (a
+# statement's result "= X", or copied from the question); repeated lines (a looping sample).
+STAT_NAMES_ANSWER = ("question_numbers_used", "answer_integer", "answer_not_integer", "answer_negative",
+                     "answer_log_magnitude", "answer_in_question", "answer_computed", "repeated_lines")
+STAT_NAMES = STAT_NAMES_V1 + STAT_NAMES_ANSWER  # what new files are fitted on
 
 class PolicyMismatch(ValueError):
     """A learned PRM file made for another policy than the one it is asked to score for."""
@@ -65,9 +76,18 @@ def policy_identity(policy) -> str:
     return name
 
 
-def _stats(steps: Sequence[tuple[str, Sequence[float] | None]]) -> np.ndarray:
-    """STAT_NAMES of the prefix `steps` [(text, token log-probs or None), ...] (non-empty)."""
-    from ets.extract import has_final_answer
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+_RESULT = re.compile(r"=\s*\\?\$?\s*(\d[\d,]*(?:\.\d+)?)")
+
+
+def _numbers(text: str) -> set[str]:
+    return {x.replace(",", "") for x in _NUMBER.findall(text)}
+
+
+def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None]]) -> dict[str, float]:
+    """Every statistic of STAT_NAMES for the prefix `steps` [(text, token log-probs or None), ...]
+    (non-empty) of `question`."""
+    from ets.extract import extract_answer, has_final_answer
     from ets.prm.default import check_arithmetic
 
     text, lps = steps[-1]
@@ -79,12 +99,31 @@ def _stats(steps: Sequence[tuple[str, Sequence[float] | None]]) -> np.ndarray:
         c, e = check_arithmetic(t)
         right, wrong = right + c, wrong + e
     has = bool(len(last))
-    return np.array([
+    out = dict(zip(STAT_NAMES_V1, (
         last.mean() if has else 0.0, last.min() if has else 0.0, last.std() if has else 0.0,
         math.log1p(len(lps or ())), float(np.mean(all_lps)) if all_lps else 0.0,
         min(step_means) if step_means else 0.0, float(has), math.log1p(len(steps)),
         math.log1p(sum(len(s or ()) for _, s in steps)), float(has_final_answer(text)),
-        math.log1p(right), math.log1p(wrong), float(wrong > 0)], np.float64)
+        math.log1p(right), math.log1p(wrong), float(wrong > 0))))
+
+    path = "".join(t for t, _ in steps)
+    asked = _numbers(question)
+    out["question_numbers_used"] = len(asked & _numbers(path)) / len(asked) if asked else 1.0
+    answer = (extract_answer(text) or "").replace(",", "").replace("\\$", "").replace("$", "").strip()
+    try:
+        value = float(answer)
+    except ValueError:
+        value = None
+    number = value is not None and math.isfinite(value)
+    out["answer_integer"] = float(number and value == int(value))
+    out["answer_not_integer"] = float(bool(answer) and not out["answer_integer"])
+    out["answer_negative"] = float(number and value < 0)
+    out["answer_log_magnitude"] = math.log10(abs(value) + 1) if number else 0.0
+    out["answer_in_question"] = float(bool(answer) and answer in asked)
+    out["answer_computed"] = float(bool(answer) and answer in {x.replace(",", "") for x in _RESULT.findall(path)})
+    lines = [x.strip() for x in path.splitlines() if x.strip()]
+    out["repeated_lines"] = 1.0 - len(set(lines)) / len(lines) if lines else 0.0
+    return out
 
 
 class Features:
@@ -92,17 +131,22 @@ class Features:
     ets.cluster.EMBEDDERS ("minilm" | "hash"), unused (not loaded) by the "stats" set. Question
     embeddings are cached by text."""
 
-    def __init__(self, embedder: str = "minilm", tail_chars: int = 1000, feature_set: str = "full"):
+    def __init__(self, embedder: str = "minilm", tail_chars: int = 1000, feature_set: str = "full",
+                 stats: Sequence[str] = STAT_NAMES):
         from ets.cluster import make_embedder
 
         if feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set must be one of {FEATURE_SETS}, got {feature_set!r}")
+        unknown = [n for n in stats if n not in STAT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown statistics {unknown} (made by a newer ets?); this one computes {STAT_NAMES}")
         self.embedder_key, self.tail_chars, self.feature_set = embedder, tail_chars, feature_set
+        self.stats = tuple(stats)
         self.embedder = make_embedder(embedder) if feature_set == "full" else None
         self._questions: dict[str, np.ndarray] = {}
 
     def describe(self) -> dict:
-        out = {"version": FEATURES_VERSION, "set": self.feature_set, "stats": list(STAT_NAMES)}
+        out = {"version": FEATURES_VERSION, "set": self.feature_set, "stats": list(self.stats)}
         if self.embedder is not None:
             out |= {"embedder": self.embedder_key, "embedder_name": self.embedder.name, "tail_chars": self.tail_chars}
         return out
@@ -110,7 +154,12 @@ class Features:
     @classmethod
     def from_meta(cls, f: dict) -> "Features":
         """The Features a file's meta["features"] describes."""
-        return cls(f.get("embedder", "minilm"), f.get("tail_chars", 1000), f.get("set", "full"))
+        return cls(f.get("embedder", "minilm"), f.get("tail_chars", 1000), f.get("set", "full"),
+                   f.get("stats", STAT_NAMES_V1))
+
+    def _stat_rows(self, questions, prefixes) -> np.ndarray:
+        rows = [stat_values(q, steps) for q, steps in zip(questions, prefixes)]
+        return np.array([[r[n] for n in self.stats] for r in rows], np.float64).reshape(len(rows), len(self.stats))
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         e = np.asarray(self.embedder.embed(texts), np.float64)
@@ -124,9 +173,7 @@ class Features:
         if len(questions) != len(prefixes):
             raise ValueError("one question per prefix")
         if self.embedder is None:
-            if not prefixes:
-                return np.zeros((0, len(STAT_NAMES)), np.float32)
-            return np.stack([_stats(steps) for steps in prefixes]).astype(np.float32)
+            return self._stat_rows(questions, prefixes).astype(np.float32)
         new = sorted({q for q in questions if q not in self._questions})
         for i in range(0, len(new), batch):
             for q, e in zip(new[i:i + batch], self._embed(new[i:i + batch])):
@@ -136,7 +183,7 @@ class Features:
             chunk = prefixes[i:i + batch]
             p = self._embed(["".join(t for t, _ in steps)[-self.tail_chars:] or " " for steps in chunk])
             q = np.stack([self._questions[x] for x in questions[i:i + batch]])
-            s = np.stack([_stats(steps) for steps in chunk])
+            s = self._stat_rows(questions[i:i + batch], chunk)
             out.append(np.hstack([q, p, q * p, s]).astype(np.float32))
         if not out:
             return np.zeros((0, 0), np.float32)
