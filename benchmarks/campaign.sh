@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The benchmark of record at scale (issue 11), as resumable stages run in order against a vLLM
+# server. Every stage is one `ets compare` (run directories under $RUNS resume: finished problems
+# are skipped and still reported), so a session that must stop kills this script (or sets UNTIL)
+# and the next session runs the same command again.
+#
+#   bash ../shared/tools/bench-model.sh                          # prints the GGUF's path
+#   ets serve PATH.gguf --port 8000 --kv-cache-gb 4 &            # ~1.5 min to start
+#   UNTIL=14:50 bash benchmarks/campaign.sh                      # every stage, in order, until 14:50 UTC
+#   bash benchmarks/campaign.sh bon16 gsm8k-w16                  # chosen stages
+#   bash benchmarks/campaign.sh --list                           # the stages and their commands
+#
+# Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
+# them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
+# default 32: a 2-core vLLM CPU build runs 128 sequences at a time and is compute-bound there),
+# UNTIL (HH:MM UTC; each stage gets the time left, then is stopped, losing no finished problem).
+#
+# Nothing else should run on the machine meanwhile: vLLM's CPU build (OpenMP threads on every
+# core) slows to a crawl when another process takes a core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+POLICY="${POLICY:-http://127.0.0.1:8000}"
+RUNS="${RUNS:-runs}"
+OUT="${OUT:-benchmarks/results}"
+CONCURRENCY="${CONCURRENCY:-32}"
+ETS="${ETS:-ets}"
+MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
+# The same sampling for every method and stage (issue 11: T=0.8, >= 512 tokens, the model's blank-line steps).
+COMMON=(--policy "$POLICY" --temperature 0.8 --max-tokens 512 --max-step-tokens 256 --step-delimiter '\n\n'
+        --concurrency "$CONCURRENCY" --schedule pooled --request-timeout 3600 --runs-dir "$RUNS" --no-progress)
+
+# name | ets compare arguments (besides COMMON) — in the order the issue asks for them
+STAGES=(
+  "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
+  "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "gsm8k-w16-beam-dvts|--methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
+  "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
+)
+
+deadline_left() {  # seconds until UNTIL (HH:MM UTC, today or tomorrow); empty when UNTIL is unset
+  [ -n "${UNTIL:-}" ] || return 0
+  local now end
+  now=$(date -u +%s)
+  end=$(date -u -d "$(date -u +%F) $UNTIL" +%s)
+  [ "$end" -gt "$now" ] || end=$((end + 86400))
+  echo $((end - now))
+}
+
+if [ "${1:-}" = "--list" ]; then
+  for s in "${STAGES[@]}"; do echo "${s%%|*}: $ETS compare $(printf '%q ' "${COMMON[@]}")${s#*|}"; done
+  exit 0
+fi
+
+wanted=("$@")
+for s in "${STAGES[@]}"; do
+  name="${s%%|*}"
+  if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
+  left=$(deadline_left)
+  if [ -n "$left" ] && [ "$left" -lt 120 ]; then
+    echo "[campaign] $(date -u +%H:%M) UNTIL=$UNTIL reached: stopping before $name" >&2
+    exit 0
+  fi
+  echo "[campaign] $(date -u +%H:%M) stage $name" >&2
+  eval "args=(${s#*|})"
+  if [ -n "$left" ]; then
+    # SIGINT: ets compare stops like on Ctrl-C (finished problems are on disk); rc 124 = time is up
+    timeout --signal=INT --kill-after=60 "$left" "$ETS" compare "${COMMON[@]}" "${args[@]}" || {
+      rc=$?; [ $rc -eq 124 ] && { echo "[campaign] UNTIL=$UNTIL reached during $name" >&2; exit 0; }; exit $rc; }
+  else
+    "$ETS" compare "${COMMON[@]}" "${args[@]}"
+  fi
+done
