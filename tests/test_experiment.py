@@ -188,3 +188,30 @@ def test_run_against_a_server_records_hit_rate_and_measured_kv(tmp_path, toy, st
     assert cli.main([*args, "--limit", "3"]) == 0
     line = capsys.readouterr().out
     assert "prefix-cache hit rate" in line and "measured KV mean 400" in line
+
+
+def test_compare_against_a_server_reports_its_load_and_preemptions(tmp_path, toy, stand_in, monkeypatch):
+    """The record's server columns: mean running / waiting sequences while requests were out and
+    the preemptions counted over the timed chunks (the stand-in preempts once per request)."""
+    import ets.factory as f
+    from ets.engines.server import ServerPolicy
+    from test_server_policy import FakeVLLM
+
+    fake = FakeVLLM(delimiter_only=True)
+    srv = stand_in(fake)
+
+    def make_policy(spec, **opts):
+        policy = ServerPolicy(spec, model="m", metrics_interval_s=0.01)
+        policy.format_prompt = lambda q: (list(range(40)), q)
+        return policy
+
+    monkeypatch.setattr(f, "make_policy", make_policy)
+    out = tmp_path / "rec"
+    assert cli.main(["compare", "--policy", srv.url, "--prm", "mock", "--embedder", "hash", "--no-progress", *toy,
+                     "--limit", "2", "--methods", "rebase,ets", "--widths", "2", "--max-tokens", "24",
+                     "--max-step-tokens", "8", "--concurrency", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sum(r["preemptions"] for r in rows) == fake.preemptions == len(srv.posts("/v1/completions"))
+    assert all(r["preemptions"] > 0 and r["server_running"] == 6 and r["server_waiting"] == 2 for r in rows)
+    md = (out / "results.md").read_text()
+    assert "| running / waiting | preempted |" in md and "| 6 / 2 |" in md

@@ -40,12 +40,17 @@ class FakeVLLM:
     def __init__(self, fail_first: int = 0, status: int = 503, delimiter_only: bool = False):
         self.fail_first, self.status, self.delimiter_only = fail_first, status, delimiter_only
         self.hits = self.queries = 0
+        self.preemptions = 0  # grows by one per completion request: a server short of KV blocks
 
     def __call__(self, method, path, body):
         if path == "/v1/models":
             return 200, {"data": [{"id": "fake-model"}]}
         if path == "/metrics":
             return 200, (
+                'vllm:num_requests_running{engine="0",model_name="m"} 6.0\n'
+                'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+                f'vllm:num_preemptions_total{{engine="0",model_name="m"}} {self.preemptions}.0\n'
+
                 "# HELP vllm:prefix_cache_hits_total x\n"
                 f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {self.hits}.0\n'
                 f'vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {self.queries}.0\n'
@@ -56,6 +61,7 @@ class FakeVLLM:
                 self.fail_first -= 1
                 return self.status, {"error": "busy"}
             prompt = body["prompt"]
+            self.preemptions += 1
             self.queries += len(prompt) * body["n"]
             self.hits += (len(prompt) // 16) * 16 * (body["n"] - 1)
             choices = [_choice(prompt, 0 if self.delimiter_only else k) | {"index": k}
@@ -252,6 +258,10 @@ def test_observe_single_problem_matches_counters(stand_in):
     st = policy.stats()
     assert st["server_prefix_hits"] == fake.hits and st["prefilled_tokens"] == fake.queries - fake.hits
     assert st["requests"] == len(srv.posts("/v1/completions"))
+    # preemptions: the counter's growth since the first reading (taken before the first request)
+    assert st["server_preemptions"] == fake.preemptions == st["requests"]
+    n = st["server_load_samples"]
+    assert n > 0 and st["server_running_sum"] == 6.0 * n and st["server_waiting_sum"] == 2.0 * n
 
 
 def test_sglang_flavour(stand_in):
@@ -303,6 +313,7 @@ def test_prometheus_parser_and_vllm_snapshot():
     assert snap.prefix_hits == 20 and snap.prefix_queries == 40
     assert snap.kv_capacity_tokens == 30 * 128
     assert snap.kv_used_tokens == 0.5 * 1280 + 0.25 * 2560
+    assert snap.running is snap.waiting is snap.preemptions is None  # not in the text: unknown, not 0
 
 
 def test_serve_command_env_and_startup_failure(tmp_path, monkeypatch):

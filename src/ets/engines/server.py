@@ -429,7 +429,8 @@ class ServerPolicy(Policy):
         per = {}
         totals = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
         hits = queries = 0
-        kv_peak = None
+        kv_peak = preemptions = None
+        load = {"server_running_sum": 0.0, "server_waiting_sum": 0.0, "server_load_samples": 0}
         for s in self.servers:
             m = s.monitor.totals() if s.monitor else {}
             per[redact_url(s.url)] = {**s.counters, **m}
@@ -440,11 +441,18 @@ class ServerPolicy(Policy):
                 queries += m["prefix_queries"]
             if m.get("kv_tokens_peak") is not None:
                 kv_peak = max(kv_peak or 0, m["kv_tokens_peak"])
+            if m.get("preemptions") is not None:
+                preemptions = (preemptions or 0) + m["preemptions"]
+            for k in ("running_sum", "waiting_sum", "load_samples"):
+                load["server_" + k] += m.get(k, 0)
         return {**totals, "server_prefix_hits": hits, "server_prefix_queries": queries,
                 "server_prefix_hit_rate": hits / queries if queries else None,
                 # prompt tokens the engines computed rather than took from their prefix cache
                 "prefilled_tokens": queries - hits if queries else None,
-                "server_kv_tokens_peak": kv_peak, "servers": per}
+                "server_kv_tokens_peak": kv_peak,
+                # sequences the servers evicted for want of KV blocks (vLLM), and their load while
+                # this client had requests out: mean running / waiting = sum / server_load_samples
+                "server_preemptions": preemptions, **load, "servers": per}
 
     async def aclose(self) -> None:
         for s in self.servers:

@@ -9,12 +9,16 @@ vLLM (one sample per engine, label `engine`; data-parallel engines behind one UR
   vllm:kv_cache_usage_perc         gauge in [0, 1], share of KV blocks held by running requests
                                    (cached-but-free blocks are not counted: they are evictable)
   vllm:cache_config_info           info gauge; labels num_gpu_blocks and block_size give capacity
+  vllm:num_requests_running        gauge, sequences in the running batch
+  vllm:num_requests_waiting        gauge, sequences queued (no room in the batch or the KV cache)
+  vllm:num_preemptions_total       counter, running sequences evicted for want of KV blocks
 SGLang (started with --enable-metrics):
   sglang:cached_tokens_total / sglang:prompt_tokens_total   counters (hits / queries), if exported
   sglang:cache_hit_rate            gauge, used only when the counters are absent
   sglang:num_used_tokens           gauge, KV tokens in use
   sglang:token_usage               gauge in [0, 1]; with sglang:max_total_num_tokens when
                                    num_used_tokens is absent
+  sglang:num_running_reqs / sglang:num_queue_reqs   gauges, running and queued requests
 
 A missing metric reads as None, never as 0: a figure that was not measured is not reported.
 """
@@ -64,6 +68,9 @@ class Snapshot:
     kv_used_tokens: float | None  # KV tokens held by running requests now
     kv_capacity_tokens: float | None  # KV tokens the cache can hold
     hit_rate_gauge: float | None = None  # SGLang's own rate, when it has no counters
+    running: float | None = None  # sequences running now
+    waiting: float | None = None  # sequences queued now
+    preemptions: float | None = None  # cumulative preemptions (vLLM)
 
 
 def _sum(samples: list[Sample], name: str) -> float | None:
@@ -81,7 +88,8 @@ def snapshot(text: str, flavour: str = VLLM) -> Snapshot:
             used = usage * cap
         return Snapshot(_sum(samples, "sglang:cached_tokens_total"),
                         _sum(samples, "sglang:prompt_tokens_total"), used, cap,
-                        _sum(samples, "sglang:cache_hit_rate"))
+                        _sum(samples, "sglang:cache_hit_rate"), _sum(samples, "sglang:num_running_reqs"),
+                        _sum(samples, "sglang:num_queue_reqs"))
     # vLLM: capacity per engine from cache_config_info; usage is a fraction of that engine's.
     caps = {}
     for s in samples:
@@ -98,7 +106,8 @@ def snapshot(text: str, flavour: str = VLLM) -> Snapshot:
                 used = (used or 0.0) + s.value * cap
     return Snapshot(_sum(samples, "vllm:prefix_cache_hits_total"),
                     _sum(samples, "vllm:prefix_cache_queries_total"), used,
-                    sum(caps.values()) if caps else None)
+                    sum(caps.values()) if caps else None, None, _sum(samples, "vllm:num_requests_running"),
+                    _sum(samples, "vllm:num_requests_waiting"), _sum(samples, "vllm:num_preemptions_total"))
 
 
 def delta(before: Snapshot | None, after: Snapshot | None) -> dict:
@@ -144,6 +153,9 @@ class Monitor:
         self.first: Snapshot | None = None  # first reading ever: run totals are measured from it
         self.last: Snapshot | None = None
         self.kv_peak: float | None = None  # over the whole run
+        # load, summed over the readings that had it: mean = sum / load_samples
+        self.running_sum = self.waiting_sum = 0.0
+        self.load_samples = 0
         self._task = None
 
     async def read(self) -> Snapshot | None:
@@ -158,6 +170,10 @@ class Monitor:
         self.last = snap
         if snap.kv_used_tokens is not None:
             self.kv_peak = max(self.kv_peak or 0.0, snap.kv_used_tokens)
+        if snap.running is not None:
+            self.load_samples += 1
+            self.running_sum += snap.running
+            self.waiting_sum += snap.waiting or 0.0
         for w in self.windows:
             w.add(snap)
         return snap
@@ -199,8 +215,15 @@ class Monitor:
             self._task = None
 
     def totals(self) -> dict:
-        """Run figures: prefix-cache delta since the first reading, KV peak over all readings."""
+        """Run figures: prefix-cache delta since the first reading, KV peak over all readings,
+        preemptions since the first reading (None if unknown), and the running / waiting
+        sequences summed over the `load_samples` readings that had them (readings are taken
+        while a request is out, every interval_s)."""
         out = delta(self.first, self.last)
         out["kv_tokens_peak"] = None if self.kv_peak is None else int(round(self.kv_peak))
         out["metrics_errors"] = self.errors
+        first, last = self.first, self.last
+        out["preemptions"] = None if first is None or last is None or None in (first.preemptions, last.preemptions) \
+            else int(last.preemptions - first.preemptions)
+        out.update(running_sum=self.running_sum, waiting_sum=self.waiting_sum, load_samples=self.load_samples)
         return out

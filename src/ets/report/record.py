@@ -11,6 +11,8 @@ Row columns (n = problems every config finished, the same problems in every row)
   prefill_tokens              prompt tokens the engine computed (embedded: prefill_tokens; server:
                               prefix-cache queries minus hits)
   prefix_hit_rate             server prefix-cache hits / queries over the timed chunks
+  preemptions                 server: sequences it evicted for want of KV blocks (timed chunks)
+  server_running/waiting      server: mean sequences running / queued while requests were out
   problems_per_s, tokens_per_s  problems and generated tokens per second of wall clock over the
                               timed chunks (`timed_chunks`), with `in_flight` problems at once
   select_ms_per_step          strategy decision time per selection step (depth >= 1)
@@ -152,6 +154,7 @@ def _row(arm, ids: list[str]) -> dict:
     means = [m["measured_kv_mean"] for m in per if m.get("measured_kv_mean") is not None]
     peaks = [m["measured_kv_peak"] for m in per if m.get("measured_kv_peak") is not None]
     hits, queries = eng.get("server_prefix_hits"), eng.get("server_prefix_queries")
+    load_n = eng.get("server_load_samples")
     errors = [e for e in arm.run.errors() if e["id"] in {p.id for p in arm.problems}]
     return {
         "method": arm.method.label, "strategy": arm.method.strategy, "width": arm.width,
@@ -173,6 +176,9 @@ def _row(arm, ids: list[str]) -> dict:
         "prefill_tokens": eng.get("prefill_tokens", eng.get("prefilled_tokens")),
         "server_prefix_hits": hits, "server_prefix_queries": queries,
         "prefix_hit_rate": hits / queries if queries else None,
+        "preemptions": eng.get("server_preemptions"),
+        "server_running": eng["server_running_sum"] / load_n if load_n else None,
+        "server_waiting": eng["server_waiting_sum"] / load_n if load_n else None,
         "per_problem": [{"id": r["id"], "correct": r["correct"], "kv_mean": r["kv"]["kv_mean"],
                          "kv_peak": r["kv"]["kv_peak"], "generated_tokens": r["counters"]["generated_tokens"],
                          "wall_s": r["counters"].get("wall_s"), "steps": len(r["trace"])} for r in recs],
@@ -210,7 +216,8 @@ def table(rows_: list[dict]) -> str:
     """The markdown table; engine columns (measured KV, prefill, hit rate, waves) only where some
     row has them."""
     has = {k: any(r.get(k) is not None for r in rows_)
-           for k in ("meas_kv_mean", "prefill_tokens", "prefix_hit_rate", "paired_diff", "dataset")}
+           for k in ("meas_kv_mean", "prefill_tokens", "prefix_hit_rate", "paired_diff", "dataset",
+                     "server_running")}
     has_waves = any(r.get("waves") for r in rows_)
     head = ["method", "W"] + (["data"] if has["dataset"] else []) + ["n", "acc [95% CI]"]
     head += ["vs REBASE [95% CI]"] if has["paired_diff"] else []
@@ -218,6 +225,7 @@ def table(rows_: list[dict]) -> str:
     head += ["meas KV mean", "meas KV peak"] if has["meas_kv_mean"] else []
     head += ["prefill tok"] if has["prefill_tokens"] else []
     head += ["prefix hit"] if has["prefix_hit_rate"] else []
+    head += ["running / waiting", "preempted"] if has["server_running"] else []
     head += ["gen tok/prob", "prob/s", "tok/s", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows_:
@@ -234,6 +242,9 @@ def table(rows_: list[dict]) -> str:
             cells.append(_f(r.get("prefill_tokens"), "{:.0f}"))
         if has["prefix_hit_rate"]:
             cells.append(_f(r.get("prefix_hit_rate"), "{:.3f}"))
+        if has["server_running"]:
+            cells += ["-" if r.get("server_running") is None else
+                      f"{r['server_running']:.0f} / {r.get('server_waiting') or 0:.0f}", _f(r.get("preemptions"), "{}")]
         cells += [_f(r["generated_tokens"] / r["problems"] if r["problems"] else None, "{:.0f}"),
                   _f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _f(r["in_flight"], "{}"),
                   _f(r["select_ms_per_step"], "{:.1f}")]
