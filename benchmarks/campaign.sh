@@ -13,7 +13,9 @@
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
 # default 32: a 2-core vLLM CPU build runs 128 sequences at a time and is compute-bound there),
-# UNTIL (HH:MM UTC; each stage gets the time left, then is stopped, losing no finished problem).
+# UNTIL (HH:MM UTC): no problem starts after UNTIL - DRAIN minutes (default 25; `ets compare
+# --admit-until`), so the problems in flight can finish; at UNTIL the stage is stopped (a problem
+# still running then is lost, the finished ones are on disk).
 #
 # Nothing else should run on the machine meanwhile: vLLM's CPU build (OpenMP threads on every
 # core) slows to a crawl when another process takes a core.
@@ -24,6 +26,7 @@ POLICY="${POLICY:-http://127.0.0.1:8000}"
 RUNS="${RUNS:-runs}"
 OUT="${OUT:-benchmarks/results}"
 CONCURRENCY="${CONCURRENCY:-32}"
+DRAIN="${DRAIN:-25}"
 ETS="${ETS:-ets}"
 MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
 # The same sampling for every method and stage (issue 11: T=0.8, >= 512 tokens, the model's blank-line steps).
@@ -59,15 +62,16 @@ for s in "${STAGES[@]}"; do
   name="${s%%|*}"
   if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
   left=$(deadline_left)
-  if [ -n "$left" ] && [ "$left" -lt 120 ]; then
+  if [ -n "$left" ] && [ "$left" -lt $(( DRAIN * 60 + 120 )) ]; then
     echo "[campaign] $(date -u +%H:%M) UNTIL=$UNTIL reached: stopping before $name" >&2
     exit 0
   fi
   echo "[campaign] $(date -u +%H:%M) stage $name" >&2
   eval "args=(${s#*|})"
   if [ -n "$left" ]; then
+    admit=$(date -u -d "@$(( $(date -u +%s) + left - DRAIN * 60 ))" +%Y-%m-%dT%H:%M)
     # SIGINT: ets compare stops like on Ctrl-C (finished problems are on disk); rc 124 = time is up
-    timeout --signal=INT --kill-after=60 "$left" "$ETS" compare "${COMMON[@]}" "${args[@]}" || {
+    timeout --signal=INT --kill-after=60 "$left" "$ETS" compare "${COMMON[@]}" "${args[@]}" --admit-until "$admit" || {
       rc=$?; [ $rc -eq 124 ] && { echo "[campaign] UNTIL=$UNTIL reached during $name" >&2; exit 0; }; exit $rc; }
   else
     "$ETS" compare "${COMMON[@]}" "${args[@]}"

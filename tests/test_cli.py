@@ -280,3 +280,40 @@ def test_option_vocabularies_have_one_source():
     with pytest.raises(SystemExit) as e:
         cli.main(["run", *MOCK, "--solver", "exact"])
     assert e.value.code == 2
+
+
+def test_admit_until_parses_clock_times():
+    now = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+    assert cli.clock_time("08:30", now) == now + 1800
+    assert cli.clock_time("07:30", now) == now + 86400 - 1800  # passed today: tomorrow's
+    assert cli.clock_time("2027-01-15T07:00", now) == now - 3600
+    with pytest.raises(Exception, match="HH:MM"):
+        cli.clock_time("half past eight", now)
+
+
+def test_admit_until_leaves_unstarted_problems_for_the_next_run(tmp_path, toy, monkeypatch, capsys):
+    """Admission closes between problems: the one started finishes and is saved, the others are
+    not started, and the same command without the limit computes only those."""
+    import ets.runner
+    from ets.engines.mock import MockPolicy
+
+    clock = [1_000.0]
+    monkeypatch.setattr(ets.runner, "time", types.SimpleNamespace(
+        time=lambda: clock[0], perf_counter=ets.runner.time.perf_counter, strftime=ets.runner.time.strftime,
+        gmtime=ets.runner.time.gmtime))
+    real = MockPolicy.expand
+
+    async def expand(self, requests, sampling):  # the clock passes the limit during the first problem
+        clock[0] = 3_000.0
+        return await real(self, requests, sampling)
+
+    monkeypatch.setattr(MockPolicy, "expand", expand)
+    monkeypatch.setattr(cli, "clock_time", lambda text: 2_000.0)
+    assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--admit-until", "00:00", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["problems"] == 1 and "admission closed" in err
+    [d] = run_dirs(tmp_path)
+    assert len(list((d / "problems").glob("*.json"))) == 1 and not list((d / "errors").glob("*"))
+    assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["problems"] == 4 and "1 already done" in err

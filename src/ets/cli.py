@@ -110,6 +110,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--concurrency", type=int, default=1,
                    help="problems in flight at once (default 1; compare: the chunk size C)")
+    g.add_argument("--admit-until", type=clock_time, default=None, metavar="HH:MM",
+                   help="start no problem after this time (UTC; the next HH:MM to come, or YYYY-MM-DDTHH:MM); "
+                        "problems already running finish, the rest wait for the next run of the same command")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (embedder, local PRM, embedded engine); default: torch's "
                         "own, or 1 when every --policy URL is on this machine, so the client leaves the cores to the server")
@@ -180,7 +183,26 @@ def run_config(a) -> "RunConfig":
     return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
                      id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),
                      policy=a.policy, prm=a.prm, embedder=a.embedder, concurrency=a.concurrency,
-                     kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg)
+                     kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg,
+                     admit_until=getattr(a, "admit_until", None))
+
+
+def clock_time(text: str, now: float | None = None) -> float:
+    """`--admit-until`: "HH:MM" (UTC; today's, or tomorrow's when today's has passed) or
+    "YYYY-MM-DDTHH:MM" (UTC) as a Unix time."""
+    import calendar
+    import time
+
+    now = time.time() if now is None else now
+    try:
+        if "T" in text:
+            return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M")))
+        hm = time.strptime(text, "%H:%M")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HH:MM or YYYY-MM-DDTHH:MM (UTC)") from None
+    day = now - now % 86400
+    t = day + hm.tm_hour * 3600 + hm.tm_min * 60
+    return float(t if t > now else t + 86400)
 
 
 def strategy_params(a, strategy: str, strict: bool) -> dict:
@@ -353,7 +375,8 @@ def cmd_run(a) -> int:
     try:
         groups = [[Job(p, cfg, run)] for p in problems]
         outcomes = _execute(lambda policy, prm: run_jobs(groups, task, policy, prm, concurrency=rc.concurrency,
-                                                         vote=rc.vote, agg=rc.agg, progress=not a.no_progress), a, rc, models=models)
+                                                         vote=rc.vote, agg=rc.agg, progress=not a.no_progress,
+                                                         admit_until=rc.admit_until), a, rc, models=models)
     finally:
         summary = write_summary(run, [p.id for p in problems])
     if run.claimed_elsewhere:
@@ -402,7 +425,7 @@ def cmd_compare(a) -> int:
     try:
         failures = _execute(lambda policy, prm: run_experiment(
             arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
-            log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule), a, rc)
+            log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule, admit_until=rc.admit_until), a, rc)
     finally:
         for arm in arms:
             write_summary(arm.run, [p.id for p in arm.problems])

@@ -145,10 +145,10 @@ SCHEDULES = ("chunked", "pooled")
 
 async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vote: str = "weighted",
                          agg: str = "last", log: Callable[[str], None] = print,
-                         schedule_: str = "chunked") -> list:
+                         schedule_: str = "chunked", admit_until: float | None = None) -> list:
     """Run every arm's unsaved problems in the chunked (interleaved) or pooled schedule (see the
     module docstring); returns the failures (ets.runner.Failure; each is also in its run's
-    errors/, and the other problems go on)."""
+    errors/, and the other problems go on). admit_until: see ets.runner.run_jobs."""
     from ets.runner import Job, run_jobs
 
     if schedule_ not in SCHEDULES:
@@ -160,7 +160,8 @@ async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vot
         for group in by_dataset(arms):
             jobs = [[Job(p, a.cfg, a.run) for a in group] for p in group[0].problems]
             outcomes = await run_jobs(jobs, group[0].task, policy, prm, embedders=embedders,
-                                      concurrency=concurrency, vote=vote, agg=agg, progress=False)
+                                      concurrency=concurrency, vote=vote, agg=agg, progress=False,
+                                      admit_until=admit_until)
             for o in outcomes.values():
                 failures += o.failures
                 for f in o.failures:
@@ -173,7 +174,7 @@ async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vot
         if todo:
             outcomes = await run_jobs([[Job(p, arm.cfg, arm.run)] for p in todo], arm.task, policy, prm,
                                       embedders=embedders, concurrency=concurrency, vote=vote, agg=agg,
-                                      progress=False)
+                                      progress=False, admit_until=admit_until)
             for o in outcomes.values():
                 failures += o.failures
                 for f in o.failures:

@@ -52,6 +52,9 @@ class RunConfig:
     runs_dir: str = "runs"
     vote: str = "weighted"  # answer selection recorded in results (ets.answer)
     agg: str = "last"
+    # Unix time after which no problem starts (those started finish): a session's share of a long
+    # run ends with no half-done problem to throw away. None: no limit.
+    admit_until: float | None = None
 
     def __post_init__(self):
         from ets.cluster import EMBEDDERS
@@ -72,6 +75,7 @@ class RunConfig:
         _check(self.vote in VOTES, f"vote must be one of {VOTES}, got {self.vote!r}")
         _check(self.agg in AGGREGATIONS, f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         _check(bool(self.dataset), "dataset must not be empty")
+        _check(self.admit_until is None or self.admit_until > 0, f"admit_until must be a Unix time, got {self.admit_until}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +115,7 @@ class Outcome:
     failures: list[Failure] = field(default_factory=list)
     wall_s: float = 0.0
     ids: list[str] = field(default_factory=list)  # problems computed, in finishing order
+    deferred: int = 0  # not started: admit_until had passed
 
 
 def hint(exc: BaseException) -> str:
@@ -150,13 +155,17 @@ def problem_record(problem: Problem, task: Task, prompt: str, result, vote: str,
     }
 
 
+_ADMISSION_CLOSED: set[float] = set()  # admit_until times already announced
+
+
 async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: dict | None = None,
                    concurrency: int = 1, vote: str = "weighted", agg: str = "last",
-                   progress: bool = True) -> dict[str, Outcome]:
+                   progress: bool = True, admit_until: float | None = None) -> dict[str, Outcome]:
     """Run every job not yet saved; returns an Outcome per run directory name.
 
     `groups`: one list of jobs per problem (run in that order). `embedders`: name -> embedder,
-    shared by every ETS job whose config names it (loaded once).
+    shared by every ETS job whose config names it (loaded once). `admit_until`: Unix time after
+    which a problem that has not started is left for a later call (counted in Outcome.deferred).
 
     Each run directory gets one sessions.jsonl line for this call: the ids computed, wall time,
     generated tokens, concurrency, and `engine` / `prm`: the policy's and PRM's stats() counter
@@ -221,6 +230,16 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         if not pending:
             return
         async with sem:
+            if admit_until is not None and time.time() >= admit_until:
+                if admit_until not in _ADMISSION_CLOSED:  # once per process, not per call
+                    _ADMISSION_CLOSED.add(admit_until)
+                    print(f"[ets] admission closed at {time.strftime('%H:%M', time.gmtime(admit_until))} UTC "
+                          "(--admit-until): problems not started are left for the next run of the same command",
+                          file=sys.stderr)
+                for job in pending:
+                    outcomes[job.run.name].deferred += 1
+                bar.update(len(pending))
+                return
             for job in pending:
                 if not job.run.claim(job.problem.id):  # finished meanwhile, or another process has it
                     outcomes[job.run.name].skipped += 1

@@ -107,12 +107,14 @@ def command(a) -> int:
 
     async def work(policy, prm):
         outcomes = await run_jobs(groups, task, policy, prm, concurrency=rc.concurrency, vote=rc.vote,
-                                  agg=rc.agg, progress=not a.no_progress)
+                                  agg=rc.agg, progress=not a.no_progress, admit_until=rc.admit_until)
         failures = [f for o in outcomes.values() for f in o.failures]
+        deferred.extend(o.deferred for o in outcomes.values())
         if not failures and a.labels != "outcome":
             await mc_completions(run, problems, task, policy, cfg, a.mc_k, rc.concurrency, not a.no_progress)
         return failures
 
+    deferred: list[int] = []
     if a.fit_done:
         failures = []
     else:
@@ -124,6 +126,10 @@ def command(a) -> int:
         cli._report_failures(failures)
         print("no PRM was fitted: every rollout must be in first.", file=sys.stderr)
         return 1
+    if sum(deferred):
+        print(f"no PRM was fitted: {sum(deferred)} rollout problem(s) not started (--admit-until); run the same "
+              "command again to sample them, or add --fit-done to fit on the finished ones", file=sys.stderr)
+        return 0
     out = Path(a.out or Path(rc.runs_dir) / f"learned-prm-{run.name}.npz")
     setup = {"policy_spec": run.config()["identity"]["policy"], "dataset": rc.dataset, "limit": rc.limit,
              "offset": rc.offset, "samples": a.samples, "sampling": asdict(cfg.sampling) | {
