@@ -12,8 +12,9 @@
 #
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
-# default 32: a 2-core vLLM CPU build runs 128 sequences at a time and is compute-bound there),
-# UNTIL (HH:MM UTC): no problem starts after UNTIL - DRAIN minutes (default 25; `ets compare
+# default 64: a step-level search keeps about 2 sequences per problem running, and the 2-core vLLM
+# CPU build batches 128),
+# UNTIL (HH:MM UTC): no problem starts after UNTIL - DRAIN minutes (default 40; `ets compare
 # --admit-until`), so the problems in flight can finish; at UNTIL the stage is stopped (a problem
 # still running then is lost, the finished ones are on disk).
 #
@@ -25,8 +26,8 @@ cd "$(dirname "$0")/.."
 POLICY="${POLICY:-http://127.0.0.1:8000}"
 RUNS="${RUNS:-runs}"
 OUT="${OUT:-benchmarks/results}"
-CONCURRENCY="${CONCURRENCY:-32}"
-DRAIN="${DRAIN:-25}"
+CONCURRENCY="${CONCURRENCY:-64}"
+DRAIN="${DRAIN:-40}"
 ETS="${ETS:-ets}"
 MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
 # The same sampling for every method and stage (issue 11: T=0.8, >= 512 tokens, the model's blank-line steps).

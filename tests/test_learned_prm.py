@@ -378,3 +378,9 @@ def test_policy_identity_is_the_model_name_embedded_or_served():
     embedded = SimpleNamespace(name="hf:Qwen2.5-Coder-0.5B-Instruct")
     assert learned.policy_identity(served) == learned.policy_identity(embedded) == "Qwen2.5-Coder-0.5B-Instruct"
     assert learned.policy_identity(MockPolicy()) == "mock"
+
+
+def test_train_prm_fits_nothing_while_rollouts_wait_for_admission(toy, tmp_path, planted, capsys):
+    rc, out = _train(toy, tmp_path, "--admit-until", "2020-01-01T00:00")
+    assert rc == 0 and not out.exists()
+    assert "not started (--admit-until)" in capsys.readouterr().err
