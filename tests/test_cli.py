@@ -317,3 +317,27 @@ def test_admit_until_leaves_unstarted_problems_for_the_next_run(tmp_path, toy, m
     assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["problems"] == 4 and "1 already done" in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 here")
+def test_sigusr1_closes_admission_in_a_running_command(tmp_path, toy, monkeypatch, capsys):
+    import os
+    import signal
+
+    from ets.engines.mock import MockPolicy
+
+    real, sent = MockPolicy.expand, []
+
+    async def expand(self, requests, sampling):  # `kill -USR1` arrives during the first problem
+        if not sent:
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return await real(self, requests, sampling)
+
+    monkeypatch.setattr(MockPolicy, "expand", expand)
+    assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["problems"] == 1 and "SIGUSR1" in err
+    monkeypatch.setattr(MockPolicy, "expand", real)
+    assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--json"]) == 0  # a new command: open again
+    assert json.loads(capsys.readouterr().out)["problems"] == 4

@@ -112,7 +112,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="problems in flight at once (default 1; compare: the chunk size C)")
     g.add_argument("--admit-until", type=clock_time, default=None, metavar="HH:MM",
                    help="start no problem after this time (UTC; the next HH:MM to come, or YYYY-MM-DDTHH:MM); "
-                        "problems already running finish, the rest wait for the next run of the same command")
+                        "problems already running finish, the rest wait for the next run of the same command "
+                        "(`kill -USR1 PID` does the same at once)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (embedder, local PRM, embedded engine); default: torch's "
                         "own, or 1 when every --policy URL is on this machine, so the client leaves the cores to the server")
@@ -608,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     from ets.tasks import DatasetError
 
     previous = _sigterm_as_interrupt()
+    previous_usr1 = _sigusr1_closes_admission()
     try:
         return verbs[a.cmd](a)
     except KeyboardInterrupt:
@@ -624,6 +626,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, previous_usr1)
+
+
+def _sigusr1_closes_admission():
+    """`kill -USR1 PID`: start no more problems, finish the running ones (ets.admission;
+    `--admit-until` for a time set in advance). Returns the handler it replaced (None: none set)."""
+    from ets import admission
+
+    admission.reopen()
+    if not hasattr(signal, "SIGUSR1"):
+        return None
+    try:
+        return signal.signal(signal.SIGUSR1, lambda signum, frame: admission.close())
+    except ValueError:  # not the main thread
+        return None
 
 
 def _watch_sigterm(callback) -> bool:

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ets import admission
 from ets.answer import AGGREGATIONS, VOTES, select_from_tree
 from ets.config import SearchConfig, _check
 from ets.measures import counter_delta, run_measures, snapshot, trace_measures
@@ -155,9 +156,6 @@ def problem_record(problem: Problem, task: Task, prompt: str, result, vote: str,
     }
 
 
-_ADMISSION_CLOSED: set[float] = set()  # admit_until times already announced
-
-
 async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: dict | None = None,
                    concurrency: int = 1, vote: str = "weighted", agg: str = "last",
                    progress: bool = True, admit_until: float | None = None) -> dict[str, Outcome]:
@@ -165,7 +163,8 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
 
     `groups`: one list of jobs per problem (run in that order). `embedders`: name -> embedder,
     shared by every ETS job whose config names it (loaded once). `admit_until`: Unix time after
-    which a problem that has not started is left for a later call (counted in Outcome.deferred).
+    which a problem that has not started is left for a later call (counted in Outcome.deferred);
+    ets.admission.close() does the same from the moment it is called.
 
     Each run directory gets one sessions.jsonl line for this call: the ids computed, wall time,
     generated tokens, concurrency, and `engine` / `prm`: the policy's and PRM's stats() counter
@@ -230,12 +229,12 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         if not pending:
             return
         async with sem:
-            if admit_until is not None and time.time() >= admit_until:
-                if admit_until not in _ADMISSION_CLOSED:  # once per process, not per call
-                    _ADMISSION_CLOSED.add(admit_until)
-                    print(f"[ets] admission closed at {time.strftime('%H:%M', time.gmtime(admit_until))} UTC "
-                          "(--admit-until): problems not started are left for the next run of the same command",
-                          file=sys.stderr)
+            until = admission.deadline(admit_until)
+            if until is not None and time.time() >= until:
+                if admission.first_notice(until):
+                    print(f"[ets] admission closed at {time.strftime('%H:%M', time.gmtime(until))} UTC "
+                          "(--admit-until or SIGUSR1): problems not started are left for the next run of the same "
+                          "command", file=sys.stderr)
                 for job in pending:
                     outcomes[job.run.name].deferred += 1
                 bar.update(len(pending))
