@@ -12,8 +12,8 @@
 #
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
-# default 64: a step-level search keeps about 2 sequences per problem running, and the 2-core vLLM
-# CPU build batches 128),
+# default 64: with a barrier per depth a problem has only some of its W sequences running, and
+# the 2-core vLLM CPU build batches 128),
 # UNTIL (HH:MM UTC): no problem starts after UNTIL - DRAIN minutes (default 40; `ets compare
 # --admit-until`), so the problems in flight can finish; at UNTIL the stage is stopped (a problem
 # still running then is lost, the finished ones are on disk).

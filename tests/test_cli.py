@@ -341,3 +341,20 @@ def test_sigusr1_closes_admission_in_a_running_command(tmp_path, toy, monkeypatc
     monkeypatch.setattr(MockPolicy, "expand", real)
     assert cli.main(["run", *MOCK, *toy, "--concurrency", "1", "--json"]) == 0  # a new command: open again
     assert json.loads(capsys.readouterr().out)["problems"] == 4
+
+
+def test_max_requests_reaches_the_server_policy(monkeypatch):
+    import ets.factory
+
+    seen = {}
+    monkeypatch.setattr(ets.factory, "make_policy", lambda spec, **opts: seen.update(opts) or object())
+    monkeypatch.setattr(ets.factory, "make_prm", lambda spec, policy, **opts: object())
+    a = cli.build_parser().parse_args(["run", "--policy", "http://127.0.0.1:9", "--max-requests", "300"])
+    cli._models(a, cli.run_config(a))
+    assert seen["max_concurrency"] == 300
+    a = cli.build_parser().parse_args(["run", "--policy", "http://127.0.0.1:9", "--max-requests", "0"])
+    with pytest.raises(Exception, match="--max-requests 0"):
+        cli._models(a, cli.run_config(a))
+    from ets.engines.server import ServerPolicy
+    import inspect
+    assert inspect.signature(ServerPolicy).parameters["max_concurrency"].default == 256

@@ -120,6 +120,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     g.add_argument("--request-timeout", type=seconds, default=None, metavar="S",
                    help="seconds one server request may take (default: 120 + 1 per token asked for)")
+    g.add_argument("--max-requests", type=int, default=None, metavar="N",
+                   help="HTTP requests a --policy server gets from this process at once (default 256): at least "
+                        "the sequences the server batches (vLLM's max_num_seqs), or the server idles")
     g.add_argument("--vote", choices=VOTES, default="weighted", help="answer selection (ets.answer; default weighted)")
     g.add_argument("--agg", choices=AGGREGATIONS, default="last",
                    help="a solution's score from its step scores (default last)")
@@ -257,6 +260,10 @@ def _models(a, rc):
     timeout = getattr(a, "request_timeout", None)
     if timeout is not None:
         opts["timeout_s"] = timeout
+    if getattr(a, "max_requests", None) is not None:
+        if a.max_requests < 1:
+            raise BadInput(f"--max-requests {a.max_requests}: give a number >= 1")
+        opts["max_concurrency"] = a.max_requests
     policy = make_policy(rc.policy, **opts)
     prm = make_prm(rc.prm, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
     return policy, prm

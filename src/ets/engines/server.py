@@ -83,7 +83,7 @@ class ServerPolicy(Policy):
     name = "server"
 
     def __init__(self, urls: str | Sequence[str], model: str | None = None,
-                 tokenizer_path: str | Path | None = None, max_concurrency: int = 64,
+                 tokenizer_path: str | Path | None = None, max_concurrency: int = 256,
                  timeout_s: float | None = None, retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, flavour: str = VLLM, measure: bool = True,
                  metrics_interval_s: float = 0.1, system_prompt: str | None = None,
@@ -92,7 +92,9 @@ class ServerPolicy(Policy):
         model: the name the servers serve (None: asked from /v1/models, per server).
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
         folder, as it is for a server started by `ets serve`).
-        max_concurrency: HTTP requests in flight per server. timeout_s: per request (None: scaled
+        max_concurrency: HTTP requests in flight per server (`--max-requests`): a best-of-N node asks
+        for one sequence, so below the server's batch (vLLM CPU: 128 sequences) it caps the batch (64
+        did: best-of-16 with 32 problems in flight ran 63 sequences on the 2-core server). timeout_s: per request (None: scaled
         by the tokens asked for, see request_timeout). down_after: consecutive connection
         failures that mark a server down. stall_report_s: report requests waiting this long.
         retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
