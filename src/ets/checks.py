@@ -39,6 +39,24 @@ def seconds(text: str) -> float:
     return x
 
 
+def clock_time(text: str, now: float | None = None) -> float:
+    """argparse type of `--admit-until`: "HH:MM" (UTC; today's, or tomorrow's when today's has
+    passed) or "YYYY-MM-DDTHH:MM" (UTC) as a Unix time."""
+    import calendar
+    import time
+
+    now = time.time() if now is None else now
+    try:
+        if "T" in text:
+            return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M")))
+        hm = time.strptime(text, "%H:%M")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HH:MM or YYYY-MM-DDTHH:MM (UTC)") from None
+    day = now - now % 86400
+    t = day + hm.tm_hour * 3600 + hm.tm_min * 60
+    return float(t if t > now else t + 86400)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `error: ... (see `ets VERB --help`)`, exit status 2."""
 

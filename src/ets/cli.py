@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ets.answer import AGGREGATIONS, VOTES
-from ets.checks import BadInput, Parser, finite, safe, seconds, validate_run_args
+from ets.checks import BadInput, Parser, clock_time, finite, safe, seconds, validate_run_args
 
 # Strategy config fields that are not strategy flags: the embedder has its own run-level flag.
 NOT_STRATEGY_FLAGS = ("embedder",)
@@ -189,24 +189,6 @@ def run_config(a) -> "RunConfig":
                      policy=a.policy, prm=a.prm, embedder=a.embedder, concurrency=a.concurrency,
                      kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg,
                      admit_until=getattr(a, "admit_until", None))
-
-
-def clock_time(text: str, now: float | None = None) -> float:
-    """`--admit-until`: "HH:MM" (UTC; today's, or tomorrow's when today's has passed) or
-    "YYYY-MM-DDTHH:MM" (UTC) as a Unix time."""
-    import calendar
-    import time
-
-    now = time.time() if now is None else now
-    try:
-        if "T" in text:
-            return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M")))
-        hm = time.strptime(text, "%H:%M")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give HH:MM or YYYY-MM-DDTHH:MM (UTC)") from None
-    day = now - now % 86400
-    t = day + hm.tm_hour * 3600 + hm.tm_min * 60
-    return float(t if t > now else t + 86400)
 
 
 def strategy_params(a, strategy: str, strict: bool) -> dict:

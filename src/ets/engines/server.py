@@ -93,9 +93,9 @@ class ServerPolicy(Policy):
         tokenizer_path: local folder of the model's tokenizer (None: `model` when it is a local
         folder, as it is for a server started by `ets serve`).
         max_concurrency: HTTP requests in flight per server (`--max-requests`): a best-of-N node asks
-        for one sequence, so below the server's batch (vLLM CPU: 128 sequences) it caps the batch (64
-        did: best-of-16 with 32 problems in flight ran 63 sequences on the 2-core server). timeout_s: per request (None: scaled
-        by the tokens asked for, see request_timeout). down_after: consecutive connection
+        for one sequence, so below the server's batch (vLLM CPU: 128 sequences) it caps the batch
+        (64 did: best-of-16 with 32 problems in flight ran 63 sequences on the 2-core server).
+        timeout_s: per request (None: scaled by the tokens asked for, see request_timeout). down_after: consecutive connection
         failures that mark a server down. stall_report_s: report requests waiting this long.
         retries/backoff_s/max_backoff_s: transient-failure policy (see request_with_retries).
         measure: sample /metrics during each expand (metrics_interval_s apart).

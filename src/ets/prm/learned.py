@@ -57,6 +57,7 @@ STAT_NAMES_ANSWER = ("question_numbers_used", "answer_integer", "answer_not_inte
                      "answer_log_magnitude", "answer_in_question", "answer_computed", "repeated_lines")
 STAT_NAMES = STAT_NAMES_V1 + STAT_NAMES_ANSWER  # what new files are fitted on
 
+
 class PolicyMismatch(ValueError):
     """A learned PRM file made for another policy than the one it is asked to score for."""
 
@@ -80,8 +81,9 @@ _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _RESULT = re.compile(r"=\s*\\?\$?\s*(\d[\d,]*(?:\.\d+)?)")
 
 
-def _numbers(text: str) -> set[str]:
-    return {x.replace(",", "") for x in _NUMBER.findall(text)}
+def _numbers(text: str, pattern: re.Pattern = _NUMBER) -> set[str]:
+    """The numbers `pattern` finds in `text`, without thousands commas."""
+    return {x.replace(",", "") for x in pattern.findall(text)}
 
 
 def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None]]) -> dict[str, float]:
@@ -120,7 +122,7 @@ def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None
     out["answer_negative"] = float(number and value < 0)
     out["answer_log_magnitude"] = math.log10(abs(value) + 1) if number else 0.0
     out["answer_in_question"] = float(bool(answer) and answer in asked)
-    out["answer_computed"] = float(bool(answer) and answer in {x.replace(",", "") for x in _RESULT.findall(path)})
+    out["answer_computed"] = float(bool(answer) and answer in _numbers(path, _RESULT))
     lines = [x.strip() for x in path.splitlines() if x.strip()]
     out["repeated_lines"] = 1.0 - len(set(lines)) / len(lines) if lines else 0.0
     return out

@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
     g.add_argument("--mc-k", type=int, default=4, help="completions per prefix for mc-* labels (default 4)")
     g.add_argument("--features", choices=FEATURE_SETS, default="full",
                    help="full: embeddings (--embedder) of the question and prefix plus log-prob and arithmetic "
-                        "statistics (default); stats: the statistics only (13 columns, no embedder)")
+                        "statistics (default); stats: the statistics only (21 columns, no embedder)")
     g.add_argument("--holdout", type=float, default=0.2, help="share of problems held out, by problem (default 0.2)")
     g.add_argument("--l2", default=",".join(map(str, DEFAULT_L2)),
                    help="L2 weights tried (comma list; the best on a validation split of the training problems wins)")
