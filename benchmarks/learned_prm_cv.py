@@ -5,7 +5,8 @@ final-step score is judged against correctness beside the PRM the rollouts were 
     python benchmarks/learned_prm_cv.py runs/prm/best_of_n-w4-XXXXXXXX [--folds 5] [--l2 1e-3] \\
         [--sets stats-v1,stats,full]
 
-Sets: stats-v1 (the 13 statistics of FEATURES_VERSION 1), stats (all statistics), full (the
+Sets: stats-v1 (the 13 statistics of the first files), stats-read1 (all statistics, numbers read
+as features version 1 did, by hand), stats (all statistics, the current version), full (the
 embedding as well; loads --embedder, slow on CPU). A held-out split of one fifth of 128 problems
 is noisy (33 problems); the folds use every problem once as held out.
 """
@@ -23,8 +24,9 @@ from ets.report.prm_worth import auroc
 from ets.runs import RunDir
 from ets.tasks import Task
 
-SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1), "stats": ("stats", learned.STAT_NAMES),
-        "full": ("full", learned.STAT_NAMES)}
+V = learned.FEATURES_VERSION
+SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1, V), "stats-read1": ("stats", learned.STAT_NAMES, 1),
+        "stats": ("stats", learned.STAT_NAMES, V), "full": ("full", learned.STAT_NAMES, V)}
 
 
 def fold_of(problem_id: str, folds: int) -> int:
@@ -36,7 +38,7 @@ def main() -> int:
     p.add_argument("run_dir")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--l2", type=float, default=1e-3)
-    p.add_argument("--sets", default="stats-v1,stats")
+    p.add_argument("--sets", default="stats-v1,stats-read1,stats")
     p.add_argument("--embedder", default="minilm")
     a = p.parse_args()
     records = list(RunDir(a.run_dir).iter_problems())
@@ -58,8 +60,8 @@ def main() -> int:
     if None not in ex.rollout_score:
         report(f"rollouts' PRM ({records[0].get('prm', '?')})", np.array(ex.rollout_score, float))
     for name in a.sets.split(","):
-        feature_set, stats = SETS[name]
-        x = learned.Features(a.embedder, feature_set=feature_set, stats=stats).rows(ex.question, ex.prefix)
+        feature_set, stats, version = SETS[name]
+        x = learned.Features(a.embedder, feature_set=feature_set, stats=stats, version=version).rows(ex.question, ex.prefix)
         pred = np.zeros(len(y))
         for k in range(a.folds):
             w, b, mean, scale, _ = train.fit_logistic(x[fold != k], y[fold != k], a.l2)

@@ -231,6 +231,25 @@ def test_answer_statistics_read_the_question_and_the_answer():
     assert none["final_answer"] == none["answer_integer"] == none["answer_not_integer"] == 0.0
 
 
+def test_version_2_reads_numbers_as_the_grader_does_and_version_1_files_keep_theirs():
+    q = "A shirt costs $2.50 and a hat 1,200 cents. What is the total?"
+    steps = [("2.50 + 12 = 14.50\n\n", None), ("The total is \\boxed{14.50 dollars}", None)]
+    v2, v1 = learned.stat_values(q, steps), learned.stat_values(q, steps, version=1)
+    assert v2["answer_integer"] == 0.0 and v2["answer_not_integer"] == 1.0  # 14.5, read through the units
+    assert v2["answer_computed"] == 1.0 and v2["answer_log_magnitude"] == pytest.approx(np.log10(15.5))
+    assert v1["answer_log_magnitude"] == 0.0 and v1["answer_computed"] == 0.0  # "14.50 dollars": no number by hand
+    assert v2["question_numbers_used"] == 0.5 and v1["question_numbers_used"] == 0.5  # "2.50" used, "1,200" not
+    assert learned.stat_values("Pay 1,200.", [("So \\boxed{1200.00}", None)])["answer_in_question"] == 1.0
+    assert learned.stat_values("Pay 1,200.", [("So \\boxed{1200.00}", None)], version=1)["answer_in_question"] == 0.0
+    frac = learned.stat_values(q, [("So \\boxed{\\frac{3}{4}}", None)])
+    assert frac["answer_not_integer"] == 1.0 and frac["answer_log_magnitude"] == pytest.approx(np.log10(1.75))
+    old = learned.Features.from_meta({"set": "stats", "stats": list(learned.STAT_NAMES)})  # no version: 1
+    assert old.version == 1 and old.describe()["version"] == 1
+    assert learned.Features("hash", feature_set="stats").describe()["version"] == learned.FEATURES_VERSION == 2
+    with pytest.raises(ValueError, match="features version 3"):
+        learned.Features("hash", feature_set="stats", version=3)
+
+
 def test_a_file_keeps_the_statistics_it_was_fitted_on():
     """Files list their statistics by name: one made before STAT_NAMES_ANSWER existed (no "stats"
     key, or the 13 V1 names) gets its 13 columns back; a name this ets does not know is refused."""

@@ -5,7 +5,7 @@ score of step i of a path is the estimated probability that a solution through s
 with the right answer (an outcome-supervised value model; with Math-Shepherd labels, the
 estimated share of completions from that prefix that reach the gold answer).
 
-Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1, by feature set (FEATURE_SETS):
+Features of a prefix (question q, steps 1..i), FEATURES_VERSION 2, by feature set (FEATURE_SETS):
     "full" (default):
       e(q), e(p), e(q) * e(p)   e = the embedder (MiniLM, or the hashed bag of words for tests),
                                 p = the last `tail_chars` characters of steps 1..i joined;
@@ -17,6 +17,10 @@ Features of a prefix (question q, steps 1..i), FEATURES_VERSION 1, by feature se
     "stats": the statistics only (21 columns, no embedder loaded): what the default PRM looks at
       and a few plain facts about the answer, weighted by a fit instead of by hand; too few
       columns to memorise a few hundred problems.
+Version 2 reads numbers (the final answer, the question's numbers, a statement's result) through
+the grader's normalisation (ets.tasks.grading.normalize_number: "18 dollars" -> 18, "1,234.00" ->
+1234, "\\frac{3}{4}" -> 3/4); version 1 stripped commas and dollar signs by hand. A file records its
+version and is scored with the features it was fitted on.
 
 The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] and `meta`, a JSON
 string: {"format", "kind", "policy" (policy_identity of the policy it was trained on),
@@ -44,7 +48,8 @@ from ets.prm.train import FEATURE_SETS  # defined there: the CLI reads it withou
 
 FORMAT = 1
 KIND = "ets-learned-prm"
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # what new files are made with
+FEATURES_VERSIONS = (1, 2)  # what this ets can compute (see the module docstring)
 # The statistics of a prefix, by name (a file lists the names it was fitted on, in order, so
 # that files made before a statistic was added keep their columns).
 STAT_NAMES_V1 = ("last_lp_mean", "last_lp_min", "last_lp_std", "last_tokens_log", "path_lp_mean",
@@ -81,15 +86,42 @@ _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _RESULT = re.compile(r"=\s*\\?\$?\s*(\d[\d,]*(?:\.\d+)?)")
 
 
-def _numbers(text: str, pattern: re.Pattern = _NUMBER) -> set[str]:
-    """The numbers `pattern` finds in `text`, without thousands commas."""
-    return {x.replace(",", "") for x in pattern.findall(text)}
+def _numbers(text: str, pattern: re.Pattern = _NUMBER, version: int = FEATURES_VERSION) -> set[str]:
+    """The numbers `pattern` finds in `text`: without thousands commas (version 1), or as the
+    grader normalises them (version 2: "2.50" -> "2.5")."""
+    from ets.tasks.grading import normalize_number
+
+    found = pattern.findall(text)
+    if version == 1:
+        return {x.replace(",", "") for x in found}
+    return {n for n in map(normalize_number, found) if n is not None}
 
 
-def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None]]) -> dict[str, float]:
+def _read_answer(text: str, version: int) -> tuple[str, float | None]:
+    """The final answer step `text` states, as the statistics compare it ("" when none), and its
+    value when it is one number (None otherwise)."""
+    from fractions import Fraction
+
+    from ets.extract import extract_answer
+    from ets.tasks.grading import normalize_number
+
+    raw = extract_answer(text) or ""
+    if version == 1:
+        answer = raw.replace(",", "").replace("\\$", "").replace("$", "").strip()
+    else:  # a text answer with no single number stays as text: an answer, not a number
+        answer = normalize_number(raw) or raw.strip()
+    try:
+        value = float(Fraction(answer)) if version > 1 and "/" in answer else float(answer)
+    except (ValueError, ZeroDivisionError):
+        return answer, None
+    return answer, value if math.isfinite(value) else None
+
+
+def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None]],
+                version: int = FEATURES_VERSION) -> dict[str, float]:
     """Every statistic of STAT_NAMES for the prefix `steps` [(text, token log-probs or None), ...]
-    (non-empty) of `question`."""
-    from ets.extract import extract_answer, has_final_answer
+    (non-empty) of `question`, as features `version` computes them."""
+    from ets.extract import has_final_answer
     from ets.prm.default import check_arithmetic
 
     text, lps = steps[-1]
@@ -109,20 +141,16 @@ def stat_values(question: str, steps: Sequence[tuple[str, Sequence[float] | None
         math.log1p(right), math.log1p(wrong), float(wrong > 0))))
 
     path = "".join(t for t, _ in steps)
-    asked = _numbers(question)
-    out["question_numbers_used"] = len(asked & _numbers(path)) / len(asked) if asked else 1.0
-    answer = (extract_answer(text) or "").replace(",", "").replace("\\$", "").replace("$", "").strip()
-    try:
-        value = float(answer)
-    except ValueError:
-        value = None
-    number = value is not None and math.isfinite(value)
+    asked = _numbers(question, version=version)
+    out["question_numbers_used"] = len(asked & _numbers(path, version=version)) / len(asked) if asked else 1.0
+    answer, value = _read_answer(text, version)
+    number = value is not None
     out["answer_integer"] = float(number and value == int(value))
     out["answer_not_integer"] = float(bool(answer) and not out["answer_integer"])
     out["answer_negative"] = float(number and value < 0)
     out["answer_log_magnitude"] = math.log10(abs(value) + 1) if number else 0.0
     out["answer_in_question"] = float(bool(answer) and answer in asked)
-    out["answer_computed"] = float(bool(answer) and answer in _numbers(path, _RESULT))
+    out["answer_computed"] = float(bool(answer) and answer in _numbers(path, _RESULT, version))
     lines = [x.strip() for x in path.splitlines() if x.strip()]
     out["repeated_lines"] = 1.0 - len(set(lines)) / len(lines) if lines else 0.0
     return out
@@ -134,21 +162,24 @@ class Features:
     embeddings are cached by text."""
 
     def __init__(self, embedder: str = "minilm", tail_chars: int = 1000, feature_set: str = "full",
-                 stats: Sequence[str] = STAT_NAMES):
+                 stats: Sequence[str] = STAT_NAMES, version: int = FEATURES_VERSION):
         from ets.cluster import make_embedder
 
+        if version not in FEATURES_VERSIONS:
+            raise ValueError(f"features version {version!r}: this ets computes versions {FEATURES_VERSIONS} "
+                             "(a newer ets made the file?)")
         if feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set must be one of {FEATURE_SETS}, got {feature_set!r}")
         unknown = [n for n in stats if n not in STAT_NAMES]
         if unknown:
             raise ValueError(f"unknown statistics {unknown} (made by a newer ets?); this one computes {STAT_NAMES}")
         self.embedder_key, self.tail_chars, self.feature_set = embedder, tail_chars, feature_set
-        self.stats = tuple(stats)
+        self.stats, self.version = tuple(stats), version
         self.embedder = make_embedder(embedder) if feature_set == "full" else None
         self._questions: dict[str, np.ndarray] = {}
 
     def describe(self) -> dict:
-        out = {"version": FEATURES_VERSION, "set": self.feature_set, "stats": list(self.stats)}
+        out = {"version": self.version, "set": self.feature_set, "stats": list(self.stats)}
         if self.embedder is not None:
             out |= {"embedder": self.embedder_key, "embedder_name": self.embedder.name, "tail_chars": self.tail_chars}
         return out
@@ -157,10 +188,10 @@ class Features:
     def from_meta(cls, f: dict) -> "Features":
         """The Features a file's meta["features"] describes."""
         return cls(f.get("embedder", "minilm"), f.get("tail_chars", 1000), f.get("set", "full"),
-                   f.get("stats", STAT_NAMES_V1))
+                   f.get("stats", STAT_NAMES_V1), f.get("version", 1))
 
     def _stat_rows(self, questions, prefixes) -> np.ndarray:
-        rows = [stat_values(q, steps) for q, steps in zip(questions, prefixes)]
+        rows = [stat_values(q, steps, self.version) for q, steps in zip(questions, prefixes)]
         return np.array([[r[n] for n in self.stats] for r in rows], np.float64).reshape(len(rows), len(self.stats))
 
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -232,9 +263,9 @@ def load(path: str | Path) -> tuple[dict, dict]:
     if meta.get("kind") != KIND or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a learned PRM file of format {FORMAT} (kind {meta.get('kind')!r}, "
                          f"format {meta.get('format')!r})")
-    if meta.get("features", {}).get("version") != FEATURES_VERSION:
+    if meta.get("features", {}).get("version") not in FEATURES_VERSIONS:
         raise ValueError(f"{path} uses features version {meta.get('features', {}).get('version')}; this ets "
-                         f"computes version {FEATURES_VERSION}: retrain it with `ets train-prm`")
+                         f"computes versions {FEATURES_VERSIONS}: retrain it with `ets train-prm`")
     d = len(arrays["weight"])
     if arrays["mean"].shape != (d,) or arrays["scale"].shape != (d,) or arrays["bias"].shape != (1,):
         raise ValueError(f"{path}: array shapes do not match (weight {d})")
