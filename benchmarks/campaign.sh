@@ -10,6 +10,13 @@
 #   bash benchmarks/campaign.sh bon16 gsm8k-w16                  # chosen stages
 #   bash benchmarks/campaign.sh --list                           # the stages and their commands
 #
+# Stage memory-bound (issue 11 item 3) runs only when named, against a server restarted with a
+# small KV cache: `ets serve PATH.gguf --kv-cache-gb 1 -- --num-gpu-blocks-override 875` (875
+# blocks x 32 = 28,000 tokens; REBASE W=16 peaks at about 1,400 tokens a problem on the server,
+# so 24 problems in flight outgrow it). It refuses a server holding more than KV_MAX tokens
+# (default 50,000), times each method (chunked schedule) and has its own run directories
+# ($RUNS/memory-bound: the same problems as the main record, recomputed under the small cache).
+#
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
 # default 64: with a barrier per depth a problem has only some of its W sequences running, and
@@ -42,7 +49,21 @@ STAGES=(
   "gsm8k-w16-beam-dvts|--methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
+  "memory-bound|--methods rebase,ets,ets:lambda_c=4 --widths 16 --limit 24 --concurrency 24 --schedule chunked --runs-dir $RUNS/memory-bound --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 28,000-token KV cache, T=0.8, 512 tokens'"
 )
+NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)
+KV_MAX="${KV_MAX:-50000}"
+
+server_kv_tokens() {  # the server's KV capacity in tokens, from its /metrics page
+  python3 - "$POLICY" <<'PY'
+import re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1].rstrip("/") + "/metrics", timeout=30).read().decode()
+caps = [int(b) * int(s) for b, s in (
+    (re.search(r'num_gpu_blocks="(\d+)"', l).group(1), re.search(r'block_size="(\d+)"', l).group(1))
+    for l in text.splitlines() if l.startswith("vllm:cache_config_info"))]
+print(sum(caps) if caps else "")
+PY
+}
 
 deadline_left() {  # seconds until UNTIL (HH:MM UTC, today or tomorrow); empty when UNTIL is unset
   [ -n "${UNTIL:-}" ] || return 0
@@ -62,6 +83,16 @@ wanted=("$@")
 for s in "${STAGES[@]}"; do
   name="${s%%|*}"
   if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
+  if [ ${#wanted[@]} -eq 0 ] && [[ "$NAMED_ONLY" =~ " $name " ]]; then continue; fi
+  if [ "$name" = memory-bound ]; then
+    cap=$(server_kv_tokens)
+    if [ -z "$cap" ] || [ "$cap" -gt "$KV_MAX" ]; then
+      echo "[campaign] memory-bound needs a server with at most $KV_MAX KV tokens (this one: ${cap:-unknown});" \
+           "restart it: ets serve PATH.gguf --kv-cache-gb 1 -- --num-gpu-blocks-override 875" >&2
+      exit 2
+    fi
+    echo "[campaign] server KV cache: $cap tokens" >&2
+  fi
   left=$(deadline_left)
   if [ -n "$left" ] && [ "$left" -lt $(( DRAIN * 60 + 120 )) ]; then
     echo "[campaign] $(date -u +%H:%M) UNTIL=$UNTIL reached: stopping before $name" >&2
