@@ -41,11 +41,14 @@ MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
 COMMON=(--policy "$POLICY" --temperature 0.8 --max-tokens 512 --max-step-tokens 256 --step-delimiter '\n\n'
         --concurrency "$CONCURRENCY" --schedule pooled --request-timeout 3600 --runs-dir "$RUNS" --no-progress)
 
-# name | ets compare arguments (besides COMMON) — in the order the issue asks for them
+# name | ets compare arguments (besides COMMON) — in the order the issue asks for them.
+# The frontier (item 4): lambda_c 0.5/1/2/4 at the paper's lambda_s (1.5 at W=16), lambda_s 0 and
+# 2x at lambda_c 1, the token node cost, and one hard KV budget (600 kept tokens: REBASE kept
+# 1,066 a decision in the replay of the first 22 problems, replay-w16.md), most telling first.
 STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
-  "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4,ets:lambda_s=0,ets:lambda_c=2/node_cost=tokens,ets:kv_budget=600,ets:lambda_c=0.5,ets:lambda_s=3 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-beam-dvts|--methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
