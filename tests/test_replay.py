@@ -63,3 +63,20 @@ def test_decisions_without_a_choice_are_skipped():
     r["trace"][1]["candidate_ids"] = [1]
     out = replay([r], {"rebase": None}, make_embedder("hash"))
     assert out["rebase"] == []
+
+
+def test_rescore_replaces_the_saved_scores_before_replaying():
+    """A sharper PRM's view of the same candidates: REBASE then funds only the one it favours."""
+    seen = []
+
+    def rescore(question, tree):
+        seen.append(question)
+        for n in tree.nodes[1:]:
+            n.score = 1.0 if n.id == 4 else 0.0  # the worst-saved step becomes the clear best
+
+    r = record() | {"question": "q?"}
+    (rb,) = replay([r], {"rebase": None}, make_embedder("hash"), rescore)["rebase"]
+    assert seen == ["q?"]
+    assert rb["kept"] == 1 and rb["kept_tokens"] == 3 + 5 and rb["top_share"] == 1.0
+    (saved,) = replay([r], {"rebase": None}, make_embedder("hash"))["rebase"]
+    assert saved["kept"] > 1  # without it, the saved scores

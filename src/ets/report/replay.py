@@ -15,7 +15,9 @@ each setting on exactly those inputs, and measure what each keeps:
 
 The replay holds the tree fixed at the saved run's trajectory, so it says what each setting does
 with the same candidates, not where its own search would have gone (its accuracy needs a real
-run). It is the quick way to see which settings can move KV before paying for a frontier.
+run). It is the quick way to see which settings can move KV before paying for a frontier. With
+`rescore` the candidates keep their text but take another PRM's scores (e.g. a learned PRM's):
+how the same decisions would go under a sharper or flatter ranking.
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ def run_width(record: dict) -> int:
     return sum(record["trace"][0]["alloc"]) if record.get("trace") else 0
 
 
-def decisions(records: list[dict]):
+def decisions(records: list[dict], rescore=None):
     """(problem id, tree, depth, candidates, remaining, width) for every traced decision with a
-    choice to make (>= 2 candidates)."""
+    choice to make (>= 2 candidates). `rescore(question, tree)`, when given, replaces the saved
+    node scores first (another PRM's view of the same candidates)."""
     for r in records:
         tree = tree_from_dict(r["tree"])
+        if rescore is not None:
+            rescore(r["question"], tree)
         width = run_width(r)
         for t in r.get("trace", []):
             if t["depth"] < 1 or len(t.get("candidate_ids", [])) < 2:
@@ -73,13 +78,15 @@ def _measure(cands, alloc, children_tokens: float) -> dict:
             "next_kv": kv.tokens + children_tokens, "top_share": max(alloc) / max(sum(alloc), 1)}
 
 
-def replay(records: list[dict], settings: dict[str, ETSConfig | None], embedder) -> dict[str, list[dict]]:
+def replay(records: list[dict], settings: dict[str, ETSConfig | None], embedder,
+           rescore=None) -> dict[str, list[dict]]:
     """Per setting label, one measure dict per decision. A setting of None is REBASE at the
-    softmax temperature of the first ETS setting (0.2 when there is none)."""
+    softmax temperature of the first ETS setting (0.2 when there is none). `rescore`: see
+    `decisions`."""
     temp = next((c.softmax_temperature for c in settings.values() if c is not None), 0.2)
     embedder = CachedEmbedder(embedder)
     out: dict[str, list[dict]] = {k: [] for k in settings}
-    for pid, tree, depth, cands, remaining, width in decisions(records):
+    for pid, tree, depth, cands, remaining, width in decisions(records, rescore):
         scores = [c.score for c in cands]
         nxt = tree.at_depth(depth + 1)
         children_tokens = remaining * (float(np.mean([len(n.token_ids) for n in nxt])) if nxt else 0.0)
