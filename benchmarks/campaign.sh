@@ -20,7 +20,9 @@
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
 # default 64: with a barrier per depth a problem has only some of its W sequences running, and
-# the 2-core vLLM CPU build batches 128),
+# the 2-core vLLM CPU build batches 128), SCHEDULE (pooled, the default: accuracy and KV fastest;
+# chunked: each method's chunk of CONCURRENCY problems alone on the server, so its tok/s and
+# problems/s are measured, at the cost of the chunk's tail),
 # UNTIL (HH:MM UTC): no problem starts after UNTIL - DRAIN minutes (default 40; `ets compare
 # --admit-until`), so the problems in flight can finish; at UNTIL the stage is stopped (a problem
 # still running then is lost, the finished ones are on disk).
@@ -35,11 +37,12 @@ RUNS="${RUNS:-runs}"
 OUT="${OUT:-benchmarks/results}"
 CONCURRENCY="${CONCURRENCY:-64}"
 DRAIN="${DRAIN:-40}"
+SCHEDULE="${SCHEDULE:-pooled}"
 ETS="${ETS:-ets}"
 MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
 # The same sampling for every method and stage (issue 11: T=0.8, >= 512 tokens, the model's blank-line steps).
 COMMON=(--policy "$POLICY" --temperature 0.8 --max-tokens 512 --max-step-tokens 256 --step-delimiter '\n\n'
-        --concurrency "$CONCURRENCY" --schedule pooled --request-timeout 3600 --runs-dir "$RUNS" --no-progress)
+        --concurrency "$CONCURRENCY" --schedule "$SCHEDULE" --request-timeout 3600 --runs-dir "$RUNS" --no-progress)
 
 # name | ets compare arguments (besides COMMON) — in the order the issue asks for them.
 # The frontier (item 4): lambda_c 0.5/1/2/4 at the paper's lambda_s (1.5 at W=16), lambda_s 0 and
