@@ -40,13 +40,10 @@ from ets.tree import Tree
 NEVER = "\x00never\x00"  # a step delimiter no model emits: a step is then a whole sample
 
 
-def search_arm(policy, prompts: list[str], cfg: SearchConfig, embedder) -> dict:
+async def search_arm(policy, prompts: list[str], cfg: SearchConfig, embedder) -> dict:
     """Every problem's search at once on `policy`; generated tokens over wall time."""
-    async def all_problems():
-        return await asyncio.gather(*(search(p, policy, DefaultPRM(), cfg, embedder=embedder) for p in prompts))
-
     t0 = time.perf_counter()
-    results = asyncio.run(all_problems())
+    results = await asyncio.gather(*(search(p, policy, DefaultPRM(), cfg, embedder=embedder) for p in prompts))
     wall = time.perf_counter() - t0
     gen = sum(r.counters["generated_tokens"] for r in results)
     return {"sequences": len(prompts) * cfg.width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
@@ -74,18 +71,14 @@ def plain_generate_arm(policy, prompts: list[str], width: int, sampling: Samplin
             "problems_s": len(prompts) / wall}
 
 
-def plain_server_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
+async def plain_server_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
     """Plain sampling through the server: per problem one request for `width` samples of
     `max_tokens` tokens (no step delimiter), every problem at once."""
     plain = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, max_step_tokens=max_tokens,
                            step_delimiter=NEVER)
     roots = [Tree(*policy.format_prompt(p)).root for p in prompts]
-
-    async def all_problems():
-        return await asyncio.gather(*(policy.expand([Expansion(r, width)], plain) for r in roots))
-
     t0 = time.perf_counter()
-    steps = asyncio.run(all_problems())
+    steps = await asyncio.gather(*(policy.expand([Expansion(r, width)], plain) for r in roots))
     wall = time.perf_counter() - t0
     gen = sum(len(s.token_ids) for per_problem in steps for s in per_problem[0])
     return {"sequences": len(prompts) * width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
@@ -101,6 +94,14 @@ def cpu_model() -> str:
         name = "unknown CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{name}, load average {load:.1f} at start"
+
+
+COLS = ["sequences", "generated", "wall_s", "tok_s", "problems_s"]
+
+
+def row(name: str, r: dict | None) -> str:
+    cells = ["-"] * len(COLS) if r is None else [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in COLS]
+    return f"{name:>20} " + " ".join(f"{c:>10}" for c in cells)
 
 
 def ratio(a: dict | None, b: dict | None) -> str:
@@ -153,29 +154,36 @@ def main(argv=None) -> None:
           f"{args.max_step_tokens}, step delimiter {delim!r}, T={args.temperature}, top_p {args.top_p}; "
           f"embedded max_batch {max_batch}, kv_capacity {args.kv_capacity}", flush=True)
 
+    # Each arm's row is printed as it finishes (a later arm that fails loses none of them); each
+    # engine's arms run in one event loop (a server client is bound to the loop it was opened in).
     arms: dict[str, dict | None] = {}
+    print(f"\n{'arm':>20} " + " ".join(f"{c:>10}" for c in COLS), flush=True)
     before = policy.stats()
-    arms["embedded search"] = search_arm(policy, prompts, cfg, embedder)
+    arms["embedded search"] = asyncio.run(search_arm(policy, prompts, cfg, embedder))
     st = policy.stats()
-    print(f"  embedded engine: computed {st['computed_tokens'] - before['computed_tokens']} tokens, "
+    print(row("embedded search", arms["embedded search"]), flush=True)
+    print(f"  (embedded engine: computed {st['computed_tokens'] - before['computed_tokens']} tokens, "
           f"mean {st['mean_batch_rows']:.1f} rows per decode (max {st['max_batch_rows']}), "
-          f"{st['preempted_rows']} preempted, peak KV {st['peak_kv_tokens']}", flush=True)
+          f"{st['preempted_rows']} preempted, peak KV {st['peak_kv_tokens']})", flush=True)
     arms["plain generate"] = plain_generate_arm(policy, prompts, args.width, sampling, args.max_tokens)
+    print(row("plain generate", arms["plain generate"]), flush=True)
     arms["vLLM search"] = arms["vLLM plain sampling"] = None
     if args.policy:
-        server = make_policy(args.policy, seed=args.seed)
-        arms["vLLM search"] = search_arm(server, prompts, cfg, embedder)
-        arms["vLLM plain sampling"] = plain_server_arm(server, prompts, args.width, sampling, args.max_tokens)
-        asyncio.run(server.aclose())
-        print(f"  vLLM: {server.name} at {args.policy}")
+        async def server_arms():
+            server = make_policy(args.policy, seed=args.seed)
+            try:
+                arms["vLLM search"] = await search_arm(server, prompts, cfg, embedder)
+                print(row("vLLM search", arms["vLLM search"]), flush=True)
+                arms["vLLM plain sampling"] = await plain_server_arm(server, prompts, args.width, sampling,
+                                                                     args.max_tokens)
+                print(row("vLLM plain sampling", arms["vLLM plain sampling"]), flush=True)
+            finally:
+                await server.aclose()
+            print(f"  (vLLM: {server.name} at {args.policy})")
+
+        asyncio.run(server_arms())
     else:
         print("  vLLM arms skipped: no --policy URL given (start one with `ets serve` on the same model)")
-
-    cols = ["sequences", "generated", "wall_s", "tok_s", "problems_s"]
-    print(f"\n{'arm':>20} " + " ".join(f"{c:>10}" for c in cols))
-    for name, r in arms.items():
-        cells = ["-"] * len(cols) if r is None else [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-        print(f"{name:>20} " + " ".join(f"{c:>10}" for c in cells))
     print(f"\nembedded / vLLM, same search (tok/s):       {ratio(arms['embedded search'], arms['vLLM search'])}")
     print(f"tree engine / plain generate (tok/s):       {ratio(arms['embedded search'], arms['plain generate'])}")
     print(f"search / plain sampling, on vLLM (tok/s):   {ratio(arms['vLLM search'], arms['vLLM plain sampling'])}")
