@@ -98,3 +98,22 @@ def test_ets_search_through_vllm(vllm_server):
     assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] >= sum(
         r.counters["generated_tokens"] for r in results)
 
+
+
+def test_engine_ratios_benchmark_runs_every_arm(vllm_server):
+    """benchmarks/bench_engine_ratios.py end to end at toy size: the embedded and server arms in
+    one invocation, a row per arm and the three ratios (its server arms once crashed on closing
+    the client in a second event loop, after the arms had run, losing the table)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine_ratios.py"
+    out = subprocess.run([sys.executable, str(script), "--problems", "1", "--width", "2", "--max-tokens", "32",
+                          "--max-step-tokens", "64", "--temperature", "0.7", "--embedder", "hash", "--threads", "1",
+                          "--policy", vllm_server.url], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for arm in ("embedded search", "plain generate", "vLLM search", "vLLM plain sampling"):
+        assert re.search(rf"^\s*{arm}\s+2\s+\d+\s+[\d.]+\s+[\d.]+", out.stdout, re.M), (arm, out.stdout)
+    assert len(re.findall(r"\(tok/s\):\s+[\d.]+x$", out.stdout, re.M)) == 3, out.stdout
