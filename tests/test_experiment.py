@@ -215,3 +215,22 @@ def test_compare_against_a_server_reports_its_load_and_preemptions(tmp_path, toy
     assert all(r["preemptions"] > 0 and r["server_running"] == 6 and r["server_waiting"] == 2 for r in rows)
     md = (out / "results.md").read_text()
     assert "| running / waiting | preempted |" in md and "| 6 / 2 |" in md
+
+
+def test_throughput_ratio_uses_only_chunks_timed_on_the_same_problems():
+    """ETS/REBASE tok/s and problems/s come from chunks both runs timed on the same problem set;
+    a chunk only one side has (other problems, other in-flight count, another session) is out."""
+    from ets.report.record import paired_throughput, ratios
+
+    chunk = lambda ids, wall, tok: {"ids": ids, "wall_s": wall, "generated_tokens": tok, "done": len(ids)}  # noqa: E731
+    rebase = [chunk(["a", "b"], 100.0, 1000), chunk(["c"], 400.0, 100)]  # the slow lone chunk is unmatched
+    ets = [chunk(["a", "b"], 50.0, 800), chunk(["c", "d"], 10.0, 10)]
+    tok, prob, n_chunks, n_problems = paired_throughput(ets, rebase)
+    assert (n_chunks, n_problems) == (1, 2)
+    assert tok == pytest.approx((800 / 50) / (1000 / 100)) and prob == pytest.approx(2.0)
+    assert paired_throughput(ets[1:], rebase) == (None, None, 0, 0)
+    row = dict(width=16, kv_mean=10.0, kv_peak=20.0, meas_kv_mean=None, accuracy=0.5, acc_lo=0.1, acc_hi=0.9,
+               problems=3, paired_diff=None, paired_lo=None, paired_hi=None)
+    (q,) = ratios([row | {"strategy": "rebase", "method": "rebase", "timed": rebase},
+                   row | {"strategy": "ets", "method": "ets", "timed": ets}])
+    assert q["throughput_ratio"] == pytest.approx(1.6) and q["timed_chunks"] == 1 and q["timed_problems"] == 2
