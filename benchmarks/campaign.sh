@@ -61,14 +61,12 @@ STAGES=(
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)
 KV_MAX="${KV_MAX:-50000}"
 
-server_kv_tokens() {  # the server's KV capacity in tokens, from its /metrics page
-  python3 - "$POLICY" <<'PY'
-import re, sys, urllib.request
-text = urllib.request.urlopen(sys.argv[1].rstrip("/") + "/metrics", timeout=30).read().decode()
-caps = [int(b) * int(s) for b, s in (
-    (re.search(r'num_gpu_blocks="(\d+)"', l).group(1), re.search(r'block_size="(\d+)"', l).group(1))
-    for l in text.splitlines() if l.startswith("vllm:cache_config_info"))]
-print(sum(caps) if caps else "")
+server_kv_tokens() {  # the server's KV capacity in tokens (ets.engines.server_metrics reads /metrics)
+  "$(dirname "$(command -v "$ETS")")/python" - "$POLICY" <<'PY'
+import sys, urllib.request
+from ets.engines.server_metrics import snapshot
+cap = snapshot(urllib.request.urlopen(sys.argv[1].rstrip("/") + "/metrics", timeout=30).read().decode()).kv_capacity_tokens
+print(int(cap) if cap else "")
 PY
 }
 

@@ -31,6 +31,9 @@ def floats(text: str) -> tuple[float, ...]:
 def learned_rescorer(spec: str):
     """rescore(question, tree) setting every non-root node's score to the learned PRM's score of
     its path (what `--prm learned:FILE` would have given it during the search)."""
+    import asyncio
+
+    from ets.prm.base import ScoreRequest
     from ets.prm.learned import LearnedPRM
 
     if not spec.startswith("learned:"):
@@ -39,8 +42,9 @@ def learned_rescorer(spec: str):
 
     def rescore(question, tree):
         nodes = [n for n in tree.nodes if n.parent is not None]
-        for n, s in zip(nodes, prm._compute([question] * len(nodes), nodes)):
-            n.score = s
+        paths = asyncio.run(prm.score([ScoreRequest(question, n) for n in nodes]))  # RewardModel contract
+        for n, steps in zip(nodes, paths):
+            n.score = steps[-1]  # the last step's score is the node's
 
     rescore.prm = prm
     return rescore
