@@ -119,6 +119,9 @@ def test_compare_reuses_runs_made_by_ets_run_and_reports_them(tmp_path, toy, cap
     assert res["ratios"][0]["ets"] == "ets:lambda_c=2"
     md = (out / "results.md").read_text()
     assert "vs REBASE [95% CI]" in md and "ets:lambda_c=2" in md
+    # each row says what its prob/s and tok/s were timed on: rebase's two sessions, ets's one
+    assert (rows["rebase"]["timed_problems"], len(rows["rebase"]["timed"])) == (3, 2)
+    assert "| timed on |" in md and "| 3 (2 ch) |" in md and "| 3 (1 ch) |" in md
     for png in ("accuracy.png", "kv.png", "throughput.png", "selection.png", "widths.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| method" in capsys.readouterr().out  # the table is printed too

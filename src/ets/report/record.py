@@ -14,7 +14,10 @@ Row columns (n = problems every config finished, the same problems in every row)
   preemptions                 server: sequences it evicted for want of KV blocks (timed chunks)
   server_running/waiting      server: mean sequences running / queued while requests were out
   problems_per_s, tokens_per_s  problems and generated tokens per second of wall clock over the
-                              timed chunks (`timed_chunks`), with `in_flight` problems at once
+                              timed chunks (`timed_chunks`), with `in_flight` problems at once;
+                              `timed_problems` of them (the table's "timed on": problems (chunks)).
+                              Each row's own chunks: compare two rows' columns only where they
+                              were timed on the same chunks; the ETS/REBASE ratio uses those alone
   select_ms_per_step          strategy decision time per selection step (depth >= 1)
   waves                       embedded engine: iterations at which rows joined the batch (timed chunks)
 """
@@ -171,6 +174,7 @@ def _row(arm, ids: list[str]) -> dict:
         "select_ms_per_step": 1000 * sum(t["select_s"] for t in sel) / len(sel) if sel else 0.0,
         "steps_per_problem": len(sel) / n if n else 0.0, "embedder": s.get("embedder"),
         "throughput_from": f"{len(chunks)} timed chunks",
+        "timed_problems": sum(len(c["ids"]) for c in chunks),
         "engine_counters": {k2: v for k2, v in eng.items() if not isinstance(v, float) or math.isfinite(v)},
         "waves": eng.get("waves"),
         "prefill_tokens": eng.get("prefill_tokens", eng.get("prefilled_tokens")),
@@ -248,7 +252,7 @@ def table(rows_: list[dict]) -> str:
     head += ["prefill tok"] if has["prefill_tokens"] else []
     head += ["prefix hit"] if has["prefix_hit_rate"] else []
     head += ["running / waiting", "preempted"] if has["server_running"] else []
-    head += ["gen tok/prob", "prob/s", "tok/s", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
+    head += ["gen tok/prob", "prob/s", "tok/s", "timed on", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows_:
         cells = [r["method"], str(r["width"])] + ([r.get("dataset") or "-"] if has["dataset"] else [])
@@ -268,12 +272,21 @@ def table(rows_: list[dict]) -> str:
             cells += ["-" if r.get("server_running") is None else
                       f"{r['server_running']:.0f} / {r.get('server_waiting') or 0:.0f}", _f(r.get("preemptions"), "{}")]
         cells += [_f(r["generated_tokens"] / r["problems"] if r["problems"] else None, "{:.0f}"),
-                  _f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _f(r["in_flight"], "{}"),
+                  _f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _timed_on(r), _f(r["in_flight"], "{}"),
                   _f(r["select_ms_per_step"], "{:.1f}")]
         if has_waves:
             cells.append(_f(r.get("waves"), "{}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _timed_on(r: dict) -> str:
+    """The problems and chunks a row's prob/s and tok/s come from: each row's own timed chunks,
+    so two rows' columns compare only where they were timed on the same chunks (the ETS / REBASE
+    ratio below uses those alone)."""
+    if r.get("timed_problems") is None:
+        return "-"
+    return f"{r['timed_problems']} ({len(r.get('timed', []))} ch)"
 
 
 def ratio_lines(rats: list[dict]) -> list[str]:
