@@ -1,5 +1,5 @@
 """The embedded engine against vLLM and against plain sampling: three ratios from one run on one
-machine (issue 13's targets).
+machine (issue 13's targets), and a fourth that splits the third.
 
     embedded / vLLM         generated tok/s of the same search (--method at --width on the first
                             --problems GSM8K problems, all in flight at once) on the embedded
@@ -9,6 +9,16 @@ machine (issue 13's targets).
     search / plain on vLLM  the vLLM search's tok/s against plain sampling of problems x width
                             sequences on the same server (one request of `width` samples per
                             problem, all in flight, --max-tokens each)
+and a fourth, which says where the third's gap goes:
+    search / plain at the search's load   plain sampling of as many sequences as the search kept
+                            running on the server on average (read from /metrics while it ran,
+                            rounded to whole problems of `width`): what is left below 1.0x is
+                            per-token cost (prefill of each node's path, requests, client); the
+                            rest of the third ratio's gap is the search keeping fewer sequences
+                            running (a problem's next depth waits for its slowest child)
+
+The `running` column: rows per decode on average (embedded search), the batch (plain generate),
+sequences running on the server on average while the arm's requests were out (vLLM arms).
 
 Without --policy the two vLLM arms are skipped (it says so). Start the server with `ets serve`
 on the same model (`--model`: a folder or GGUF, default the embedded default model).
@@ -40,14 +50,24 @@ from ets.tree import Tree
 NEVER = "\x00never\x00"  # a step delimiter no model emits: a step is then a whole sample
 
 
+def mean_running(before: dict, after: dict) -> float | None:
+    """Sequences running on the server on average between two `policy.stats()` (the client
+    samples /metrics while it has requests out); the embedded engine's rows per decode."""
+    if "server_load_samples" in after:
+        n = after["server_load_samples"] - before.get("server_load_samples", 0)
+        return (after["server_running_sum"] - before.get("server_running_sum", 0.0)) / n if n else None
+    return after.get("mean_batch_rows")
+
+
 async def search_arm(policy, prompts: list[str], cfg: SearchConfig, embedder) -> dict:
     """Every problem's search at once on `policy`; generated tokens over wall time."""
+    before = policy.stats()
     t0 = time.perf_counter()
     results = await asyncio.gather(*(search(p, policy, DefaultPRM(), cfg, embedder=embedder) for p in prompts))
     wall = time.perf_counter() - t0
     gen = sum(r.counters["generated_tokens"] for r in results)
     return {"sequences": len(prompts) * cfg.width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
-            "problems_s": len(prompts) / wall}
+            "problems_s": len(prompts) / wall, "running": mean_running(before, policy.stats())}
 
 
 def plain_generate_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
@@ -68,7 +88,7 @@ def plain_generate_arm(policy, prompts: list[str], width: int, sampling: Samplin
     gen = sum(next((i + 1 for i, t in enumerate(row) if t in policy.eos_ids), len(row))
               for row in out[:, L:].tolist())
     return {"sequences": len(prompts) * width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
-            "problems_s": len(prompts) / wall}
+            "problems_s": len(prompts) / wall, "running": float(len(prompts) * width)}
 
 
 async def plain_server_arm(policy, prompts: list[str], width: int, sampling: SamplingConfig, max_tokens: int) -> dict:
@@ -77,12 +97,13 @@ async def plain_server_arm(policy, prompts: list[str], width: int, sampling: Sam
     plain = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, max_step_tokens=max_tokens,
                            step_delimiter=NEVER)
     roots = [Tree(*policy.format_prompt(p)).root for p in prompts]
+    before = policy.stats()
     t0 = time.perf_counter()
     steps = await asyncio.gather(*(policy.expand([Expansion(r, width)], plain) for r in roots))
     wall = time.perf_counter() - t0
     gen = sum(len(s.token_ids) for per_problem in steps for s in per_problem[0])
     return {"sequences": len(prompts) * width, "generated": gen, "wall_s": wall, "tok_s": gen / wall,
-            "problems_s": len(prompts) / wall}
+            "problems_s": len(prompts) / wall, "running": mean_running(before, policy.stats())}
 
 
 def cpu_model() -> str:
@@ -96,16 +117,18 @@ def cpu_model() -> str:
     return f"{name}, load average {load:.1f} at start"
 
 
-COLS = ["sequences", "generated", "wall_s", "tok_s", "problems_s"]
+COLS = ["sequences", "generated", "wall_s", "tok_s", "problems_s", "running"]
 
 
 def row(name: str, r: dict | None) -> str:
-    cells = ["-"] * len(COLS) if r is None else [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in COLS]
-    return f"{name:>20} " + " ".join(f"{c:>10}" for c in cells)
+    cells = ["-"] * len(COLS) if r is None else [
+        "-" if r.get(c) is None else f"{r[c]:.1f}" if c == "running" else f"{r[c]:.3f}" if isinstance(r[c], float)
+        else str(r[c]) for c in COLS]
+    return f"{name:>24} " + " ".join(f"{c:>10}" for c in cells)
 
 
-def ratio(a: dict | None, b: dict | None) -> str:
-    return f"{a['tok_s'] / b['tok_s']:.2f}x" if a and b else "skipped (no --policy URL)"
+def ratio(a: dict | None, b: dict | None, why: str = "skipped (no --policy URL)") -> str:
+    return f"{a['tok_s'] / b['tok_s']:.2f}x" if a and b else why
 
 
 def main(argv=None) -> None:
@@ -157,7 +180,7 @@ def main(argv=None) -> None:
     # Each arm's row is printed as it finishes (a later arm that fails loses none of them); each
     # engine's arms run in one event loop (a server client is bound to the loop it was opened in).
     arms: dict[str, dict | None] = {}
-    print(f"\n{'arm':>20} " + " ".join(f"{c:>10}" for c in COLS), flush=True)
+    print(f"\n{'arm':>24} " + " ".join(f"{c:>10}" for c in COLS), flush=True)
     before = policy.stats()
     arms["embedded search"] = asyncio.run(search_arm(policy, prompts, cfg, embedder))
     st = policy.stats()
@@ -167,7 +190,7 @@ def main(argv=None) -> None:
           f"{st['preempted_rows']} preempted, peak KV {st['peak_kv_tokens']})", flush=True)
     arms["plain generate"] = plain_generate_arm(policy, prompts, args.width, sampling, args.max_tokens)
     print(row("plain generate", arms["plain generate"]), flush=True)
-    arms["vLLM search"] = arms["vLLM plain sampling"] = None
+    arms["vLLM search"] = arms["vLLM plain sampling"] = arms["vLLM plain, search's load"] = None
     if args.policy:
         async def server_arms():
             server = make_policy(args.policy, seed=args.seed)
@@ -177,6 +200,12 @@ def main(argv=None) -> None:
                 arms["vLLM plain sampling"] = await plain_server_arm(server, prompts, args.width, sampling,
                                                                      args.max_tokens)
                 print(row("vLLM plain sampling", arms["vLLM plain sampling"]), flush=True)
+                running = arms["vLLM search"]["running"]
+                if running:  # as many whole problems of `width` as the search kept running on average
+                    k = min(len(prompts), max(1, round(running / args.width)))
+                    arms["vLLM plain, search's load"] = await plain_server_arm(server, prompts[:k], args.width, sampling,
+                                                                             args.max_tokens)
+                    print(row("vLLM plain, search's load", arms["vLLM plain, search's load"]), flush=True)
             finally:
                 await server.aclose()
             print(f"  (vLLM: {server.name} at {args.policy})")
@@ -187,6 +216,9 @@ def main(argv=None) -> None:
     print(f"\nembedded / vLLM, same search (tok/s):       {ratio(arms['embedded search'], arms['vLLM search'])}")
     print(f"tree engine / plain generate (tok/s):       {ratio(arms['embedded search'], arms['plain generate'])}")
     print(f"search / plain sampling, on vLLM (tok/s):   {ratio(arms['vLLM search'], arms['vLLM plain sampling'])}")
+    at_load = arms["vLLM plain, search's load"]
+    why = "skipped (the server's /metrics gave no running count)" if args.policy else "skipped (no --policy URL)"
+    print(f"search / plain at the search's load (tok/s): {ratio(arms['vLLM search'], at_load, why)}")
 
 
 if __name__ == "__main__":
