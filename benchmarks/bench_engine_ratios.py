@@ -52,7 +52,8 @@ NEVER = "\x00never\x00"  # a step delimiter no model emits: a step is then a who
 
 def mean_running(before: dict, after: dict) -> float | None:
     """Sequences running on the server on average between two `policy.stats()` (the client
-    samples /metrics while it has requests out); the embedded engine's rows per decode."""
+    samples /metrics while it has requests out); for the embedded engine its rows per decode since
+    it was loaded, which is this arm's figure because the embedded search is its first arm."""
     if "server_load_samples" in after:
         n = after["server_load_samples"] - before.get("server_load_samples", 0)
         return (after["server_running_sum"] - before.get("server_running_sum", 0.0)) / n if n else None
