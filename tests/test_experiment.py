@@ -96,6 +96,32 @@ def test_pooled_schedule_gives_the_chunked_results_and_times_no_method(tmp_path,
         cli.main(["compare", *common, *toy_p, "--schedule", "nope"])
 
 
+def test_pooled_admission_closes_between_the_configs_of_one_problem(tmp_path, toy, monkeypatch, capsys):
+    """A pooled group runs its problem's configs one after another; admission is checked before
+    each, so after `kill -USR1` (or --admit-until) the config running finishes and is saved and
+    the group's next config is not started; the same command later computes only what is left."""
+    from ets import admission
+    from ets.engines.mock import MockPolicy
+
+    real = MockPolicy.expand
+
+    async def expand(self, requests, sampling):  # closes during the first config of the first problem
+        admission.close()
+        return await real(self, requests, sampling)
+
+    monkeypatch.setattr(MockPolicy, "expand", expand)
+    common = ["compare", *MOCK, *toy, "--limit", "2", "--methods", "rebase,ets", "--widths", "2",
+              "--concurrency", "1", "--schedule", "pooled", "--out", str(tmp_path / "out")]
+    assert cli.main(common) == 0
+    done = sorted((f.parent.parent.name.split("-")[0], f.stem) for f in (tmp_path / "runs").glob("*/problems/*.json"))
+    assert done == [("rebase", "t0")]
+    assert "admission closed" in capsys.readouterr().err
+    monkeypatch.setattr(MockPolicy, "expand", real)
+    assert cli.main(common) == 0  # a new command: admission open again
+    done = sorted((f.parent.parent.name.split("-")[0], f.stem) for f in (tmp_path / "runs").glob("*/problems/*.json"))
+    assert done == [("ets", "t0"), ("ets", "t1"), ("rebase", "t0"), ("rebase", "t1")]
+
+
 def test_compare_reuses_runs_made_by_ets_run_and_reports_them(tmp_path, toy, capsys):
     # rebase on 2 problems, and ets with lambda_c 2 on all 3: both made by `ets run`
     assert cli.main(["run", *MOCK, *toy, "--limit", "2", "--strategy", "rebase", "--width", "2"]) == 0

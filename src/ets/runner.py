@@ -163,8 +163,9 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
 
     `groups`: one list of jobs per problem (run in that order). `embedders`: name -> embedder,
     shared by every ETS job whose config names it (loaded once). `admit_until`: Unix time after
-    which a problem that has not started is left for a later call (counted in Outcome.deferred);
-    ets.admission.close() does the same from the moment it is called.
+    which a job (a problem under one config) that has not started is left for a later call
+    (counted in Outcome.deferred), also the rest of a group already running; ets.admission.close()
+    does the same from the moment it is called.
 
     Each run directory gets one sessions.jsonl line for this call: the ids computed, wall time,
     generated tokens, concurrency, and `engine` / `prm`: the policy's and PRM's stats() counter
@@ -224,22 +225,30 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
             bar.set_postfix_str(live.text(), refresh=False)
             bar.update(1)
 
+    def admission_closed() -> bool:
+        until = admission.deadline(admit_until)
+        if until is None or time.time() < until:
+            return False
+        if admission.first_notice(until):
+            print(f"[ets] admission closed at {time.strftime('%H:%M', time.gmtime(until))} UTC "
+                  "(--admit-until or SIGUSR1): problems not started are left for the next run of the same "
+                  "command", file=sys.stderr)
+        return True
+
     async def problem(jobs: list[Job]) -> None:
         pending = [j for j in jobs if not j.run.is_done(j.problem.id)]
         if not pending:
             return
         async with sem:
-            until = admission.deadline(admit_until)
-            if until is not None and time.time() >= until:
-                if admission.first_notice(until):
-                    print(f"[ets] admission closed at {time.strftime('%H:%M', time.gmtime(until))} UTC "
-                          "(--admit-until or SIGUSR1): problems not started are left for the next run of the same "
-                          "command", file=sys.stderr)
-                for job in pending:
-                    outcomes[job.run.name].deferred += 1
-                bar.update(len(pending))
-                return
-            for job in pending:
+            for k, job in enumerate(pending):
+                # checked before each job, not once per group: a group's jobs run one after
+                # another, so a group started just before the deadline would otherwise run all
+                # its configs past it (pooled: every arm of a problem, each as slow as a problem)
+                if admission_closed():
+                    for rest in pending[k:]:
+                        outcomes[rest.run.name].deferred += 1
+                    bar.update(len(pending) - k)
+                    return
                 if not job.run.claim(job.problem.id):  # finished meanwhile, or another process has it
                     outcomes[job.run.name].skipped += 1
                     bar.update(1)
