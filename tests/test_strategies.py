@@ -127,6 +127,61 @@ def test_ets_coverage_keeps_more_clusters_with_larger_lambda_s():
     assert kept[0] < kept[-1] and kept == sorted(kept)
 
 
+def test_ets_embeds_each_distinct_step_once_with_the_same_clusters():
+    """Repeated candidate steps are embedded once (ets.cluster.embed_unique); the clusters and
+    the decision are those of embedding every candidate's text."""
+    from ets.cluster import HashEmbedder, cluster_labels
+
+    class Counting(HashEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def embed(self, texts):
+            self.seen.append(list(texts))
+            return super().embed(texts)
+
+    parent = {0: None, 1: 0, 2: 0}
+    for i in range(3, 11):
+        parent[i] = 1 + (i % 2)
+    texts = {i: ["add 3 and 4", "so 7 apples", "multiply 7 by 2", "add 3 and 4"][i % 4] for i in range(11)}
+    _, nodes = tree_from_parents(parent, texts=texts)
+    cands = [nodes[i] for i in range(3, 11)]
+    for k, c in enumerate(cands):
+        c.score = 0.9 - 0.05 * k
+    frontier = Frontier(depth=2, candidates=cands, finished=[], remaining=8, width=8)
+    emb = Counting()
+    strategy = build_strategy(SearchConfig(strategy="ets", width=8, strategy_params={"lambda_c": 2.0}), embedder=emb)
+    alloc, info = strategy.select(frontier)
+    assert emb.seen == [["add 3 and 4", "so 7 apples", "multiply 7 by 2"]]  # each once, first appearance order
+    every = cluster_labels(HashEmbedder().embed([c.text for c in cands]), 0.05)
+    assert info["clusters"] == every.tolist()
+    assert len(set(info["clusters"])) == 3
+    assert alloc == ets_select([c.score for c in cands], cands, 8, ETSConfig.for_width(8, lambda_c=2.0), every)[0]
+
+
+def test_embedder_benchmark_compares_both_ways_on_saved_decisions(tmp_path, capsys):
+    """benchmarks/bench_embedder.py reads decisions from a run directory and reports both timings
+    and whether the partitions agree (the real MiniLM, as ETS uses it)."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_embedder import main
+
+    steps = ["Add 3 and 4 to get 7.", "Add 3 and 4 to get 7.", "Multiply 7 by 2: 14.", "The answer is 14."]
+    nodes = [{"id": 0, "text": ""}] + [{"id": i + 1, "text": t} for i, t in enumerate(steps)]
+    trace = [{"depth": 0, "candidate_ids": []}, {"depth": 1, "candidate_ids": [1, 2, 3, 4]},
+             {"depth": 2, "candidate_ids": [1, 2]}]  # the last: one distinct text, not a clustering
+    (tmp_path / "problems").mkdir()
+    (tmp_path / "problems" / "p0.json").write_text(json.dumps({"tree": {"nodes": nodes}, "trace": trace}))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "decisions: 1 (4 candidate texts, 3 distinct)" in out
+    assert "identical partitions 1/1" in out
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_dvts_subtrees_stay_independent(seed):
     width = 16

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ets.cluster import cluster_labels, make_embedder
+from ets.cluster import cluster_labels, embed_unique, make_embedder
 from ets.selection import build_problem, solve
 from ets.strategies.base import Frontier, Strategy, StrategyConfig, option, register
 from ets.strategies.rebase import rebase_allocate
@@ -88,7 +88,7 @@ class ETS(Strategy):
         texts = [c.text for c in cands]
         labels = None
         if self.config.lambda_s > 0 and len(cands) > 1 and len(set(texts)) > 1:
-            labels = cluster_labels(self.embedder.embed(texts), self.config.cluster_threshold)
+            labels = cluster_labels(embed_unique(self.embedder, texts), self.config.cluster_threshold)
         alloc, info = ets_select([c.score for c in cands], cands, frontier.remaining, self.config, labels)
         info["embedder"] = self.embedder.name if labels is not None else None
         info["clusters"] = None if labels is None else labels.tolist()
