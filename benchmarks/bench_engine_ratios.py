@@ -1,5 +1,5 @@
 """The embedded engine against vLLM and against plain sampling: three ratios from one run on one
-machine (issue 13's targets), and a fourth that splits the third.
+machine (issue 13's targets), and two more that split the second and the third.
 
     embedded / vLLM         generated tok/s of the same search (--method at --width on the first
                             --problems GSM8K problems, all in flight at once) on the embedded
@@ -9,7 +9,10 @@ machine (issue 13's targets), and a fourth that splits the third.
     search / plain on vLLM  the vLLM search's tok/s against plain sampling of problems x width
                             sequences on the same server (one request of `width` samples per
                             problem, all in flight, --max-tokens each)
-and a fourth, which says where the third's gap goes:
+and two that say where the second's and the third's gaps go:
+    tree / plain generate at the search's load   `model.generate` of as many sequences as the
+                            embedded search kept in a decode on average (its rows per decode,
+                            rounded to whole problems of `width`)
     search / plain at the search's load   plain sampling of as many sequences as the search kept
                             running on the server on average (read from /metrics while it ran,
                             rounded to whole problems of `width`): what is left below 1.0x is
@@ -118,6 +121,11 @@ def cpu_model() -> str:
     return f"{name}, load average {load:.1f} at start"
 
 
+def at_load(running: float, width: int, problems: int) -> int:
+    """Whole problems of `width` sequences nearest to `running` sequences (1 to `problems`)."""
+    return min(problems, max(1, round(running / width)))
+
+
 COLS = ["sequences", "generated", "wall_s", "tok_s", "problems_s", "running"]
 
 
@@ -125,7 +133,7 @@ def row(name: str, r: dict | None) -> str:
     cells = ["-"] * len(COLS) if r is None else [
         "-" if r.get(c) is None else f"{r[c]:.1f}" if c == "running" else f"{r[c]:.3f}" if isinstance(r[c], float)
         else str(r[c]) for c in COLS]
-    return f"{name:>24} " + " ".join(f"{c:>10}" for c in cells)
+    return f"{name:>30} " + " ".join(f"{c:>10}" for c in cells)
 
 
 def ratio(a: dict | None, b: dict | None, why: str = "skipped (no --policy URL)") -> str:
@@ -181,7 +189,7 @@ def main(argv=None) -> None:
     # Each arm's row is printed as it finishes (a later arm that fails loses none of them); each
     # engine's arms run in one event loop (a server client is bound to the loop it was opened in).
     arms: dict[str, dict | None] = {}
-    print(f"\n{'arm':>24} " + " ".join(f"{c:>10}" for c in COLS), flush=True)
+    print(f"\n{'arm':>30} " + " ".join(f"{c:>10}" for c in COLS), flush=True)
     before = policy.stats()
     arms["embedded search"] = asyncio.run(search_arm(policy, prompts, cfg, embedder))
     st = policy.stats()
@@ -191,6 +199,10 @@ def main(argv=None) -> None:
           f"{st['preempted_rows']} preempted, peak KV {st['peak_kv_tokens']})", flush=True)
     arms["plain generate"] = plain_generate_arm(policy, prompts, args.width, sampling, args.max_tokens)
     print(row("plain generate", arms["plain generate"]), flush=True)
+    k = at_load(arms["embedded search"]["running"] or args.width, args.width, len(prompts))
+    arms["plain generate, search's load"] = plain_generate_arm(policy, prompts[:k], args.width, sampling,
+                                                               args.max_tokens)
+    print(row("plain generate, search's load", arms["plain generate, search's load"]), flush=True)
     arms["vLLM search"] = arms["vLLM plain sampling"] = arms["vLLM plain, search's load"] = None
     if args.policy:
         async def server_arms():
@@ -202,8 +214,8 @@ def main(argv=None) -> None:
                                                                      args.max_tokens)
                 print(row("vLLM plain sampling", arms["vLLM plain sampling"]), flush=True)
                 running = arms["vLLM search"]["running"]
-                if running:  # as many whole problems of `width` as the search kept running on average
-                    k = min(len(prompts), max(1, round(running / args.width)))
+                if running:
+                    k = at_load(running, args.width, len(prompts))
                     arms["vLLM plain, search's load"] = await plain_server_arm(server, prompts[:k], args.width, sampling,
                                                                              args.max_tokens)
                     print(row("vLLM plain, search's load", arms["vLLM plain, search's load"]), flush=True)
@@ -217,9 +229,10 @@ def main(argv=None) -> None:
     print(f"\nembedded / vLLM, same search (tok/s):       {ratio(arms['embedded search'], arms['vLLM search'])}")
     print(f"tree engine / plain generate (tok/s):       {ratio(arms['embedded search'], arms['plain generate'])}")
     print(f"search / plain sampling, on vLLM (tok/s):   {ratio(arms['vLLM search'], arms['vLLM plain sampling'])}")
-    at_load = arms["vLLM plain, search's load"]
+    gen_load, server_load = arms["plain generate, search's load"], arms["vLLM plain, search's load"]
+    print(f"tree engine / plain generate at the search's load (tok/s): {ratio(arms['embedded search'], gen_load)}")
     why = "skipped (the server's /metrics gave no running count)" if args.policy else "skipped (no --policy URL)"
-    print(f"search / plain at the search's load (tok/s): {ratio(arms['vLLM search'], at_load, why)}")
+    print(f"search / plain at the search's load, on vLLM (tok/s): {ratio(arms['vLLM search'], server_load, why)}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_ets_search_through_vllm(vllm_server):
 
 def test_engine_ratios_benchmark_runs_every_arm(vllm_server):
     """benchmarks/bench_engine_ratios.py end to end at toy size: the embedded and server arms in
-    one invocation, a row per arm and the four ratios (its server arms once crashed on closing
+    one invocation, a row per arm and the five ratios (its server arms once crashed on closing
     the client in a second event loop, after the arms had run, losing the table)."""
     import re
     import subprocess
@@ -114,9 +114,10 @@ def test_engine_ratios_benchmark_runs_every_arm(vllm_server):
                           "--max-step-tokens", "64", "--temperature", "0.7", "--embedder", "hash", "--threads", "1",
                           "--policy", vllm_server.url], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    for arm in ("embedded search", "plain generate", "vLLM search", "vLLM plain sampling", "vLLM plain, search's load"):
+    for arm in ("embedded search", "plain generate", "plain generate, search's load", "vLLM search",
+                "vLLM plain sampling", "vLLM plain, search's load"):
         assert re.search(rf"^\s*{arm}\s+2\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out.stdout, re.M), (arm, out.stdout)
     # the server's load during the search was read from /metrics: one problem of W=2, so at most 2
     running = float(re.search(r"^\s*vLLM search(?:\s+\S+){5}\s+([\d.]+)$", out.stdout, re.M).group(1))
     assert 0 <= running <= 2, out.stdout
-    assert len(re.findall(r"\(tok/s\):\s+[\d.]+x$", out.stdout, re.M)) == 4, out.stdout
+    assert len(re.findall(r"\(tok/s\):\s+[\d.]+x$", out.stdout, re.M)) == 5, out.stdout
