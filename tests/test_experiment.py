@@ -263,3 +263,41 @@ def test_throughput_ratio_uses_only_chunks_timed_on_the_same_problems():
     (q,) = ratios([row | {"strategy": "rebase", "method": "rebase", "timed": rebase},
                    row | {"strategy": "ets", "method": "ets", "timed": ets}])
     assert q["throughput_ratio"] == pytest.approx(1.6) and q["timed_chunks"] == 1 and q["timed_problems"] == 2
+
+
+def test_measured_kv_comes_from_timed_problems_and_pairs_like_throughput():
+    """The engine's KV figure is the whole engine's: the ETS/REBASE ratio of it uses the chunks
+    both timed on the same problems (a lone chunk's figure had other company on the engine)."""
+    from ets.report.record import paired_measured_kv
+
+    chunk = lambda ids, kv: {"ids": ids, "wall_s": 1.0, "generated_tokens": 1, "done": len(ids), "meas_kv": kv}  # noqa: E731
+    rebase = [chunk(["a", "b"], [300, 500]), chunk(["c"], [9_999])]
+    ets = [chunk(["a", "b"], [200, 200]), chunk(["c", "d"], [1, 1])]
+    assert paired_measured_kv(ets, rebase) == pytest.approx(400 / 200)
+    assert paired_measured_kv(ets[1:], rebase) is None
+
+
+def test_pooled_problems_leave_the_measured_kv_to_the_timed_ones(tmp_path, toy, stand_in, monkeypatch):
+    """Problems a pooled call computed shared the server with other configs' problems: their
+    measured KV is left out of the row, as their wall time is; a chunked rerun's problems count."""
+    import ets.factory as f
+    from ets.engines.server import ServerPolicy
+    from test_server_policy import FakeVLLM
+
+    srv = stand_in(FakeVLLM(delimiter_only=True))
+
+    def make_policy(spec, **opts):
+        policy = ServerPolicy(spec, model="m", metrics_interval_s=0.01)
+        policy.format_prompt = lambda q: (list(range(40)), q)
+        return policy
+
+    monkeypatch.setattr(f, "make_policy", make_policy)
+    base = ["compare", "--policy", srv.url, "--prm", "mock", "--embedder", "hash", "--no-progress", *toy,
+            "--methods", "rebase,ets", "--widths", "2", "--max-tokens", "24", "--max-step-tokens", "8",
+            "--concurrency", "2", "--out", str(tmp_path / "rec")]
+    assert cli.main([*base, "--limit", "2", "--schedule", "pooled"]) == 0
+    assert cli.main([*base, "--limit", "3"]) == 0  # chunks [t0 t1] (done: skipped) and [t2]: timed
+    rows = json.loads((tmp_path / "rec" / "results.json").read_text())["rows"]
+    assert [r["problems"] for r in rows] == [3, 3]
+    assert all(r["meas_kv_problems"] == 1 and r["meas_kv_mean"] == 400 for r in rows)
+    assert all([c["ids"] for c in r["timed"]] == [["t2"]] for r in rows)
