@@ -53,16 +53,17 @@ def main(argv=None):
     decs = decisions(args.run_dirs, args.decisions)
     if not decs:
         raise SystemExit("no ETS decisions with more than one distinct step text in those run directories")
-    embedder = MiniLMEmbedder()
-    model = embedder._load()
+    embedder, as_was = MiniLMEmbedder(), MiniLMEmbedder()
+    as_was.batch_size = 64
 
     def before(texts):
-        return np.asarray(model.encode(list(texts), batch_size=64, show_progress_bar=False))
+        return as_was.embed(texts)
 
     def now(texts):
         return embed_unique(embedder, texts)
 
     embedder.embed(["warm up"])
+    as_was.embed(["warm up"])
     seconds = {"before": 0.0, "now": 0.0}
     same = 0
     for k, texts in enumerate(decs):

@@ -199,13 +199,19 @@ def _row(arm, ids: list[str]) -> dict:
     }
 
 
+def same_chunks(mine: list[dict], base: list[dict]) -> list[tuple[dict, dict]]:
+    """(mine's chunk, base's chunk) for each timed chunk of `mine` that `base` timed on exactly
+    the same problems (the same chunk of an experiment)."""
+    theirs = {tuple(c["ids"]): c for c in base}
+    return [(c, theirs[tuple(c["ids"])]) for c in mine if tuple(c["ids"]) in theirs]
+
+
 def paired_throughput(mine: list[dict], base: list[dict]) -> tuple[float | None, float | None, int, int]:
     """(tok/s ratio, problems/s ratio, chunks, problems) of `mine` over `base`, timed on the same
     problem sets only: a timed chunk counts when the other run has a chunk of exactly the same
     problems (the same chunk of an experiment), so that neither side's figure comes from other
     problems, another number in flight or another session's machine load."""
-    theirs = {tuple(c["ids"]): c for c in base}
-    pairs = [(c, theirs[tuple(c["ids"])]) for c in mine if tuple(c["ids"]) in theirs]
+    pairs = same_chunks(mine, base)
     if not pairs:
         return None, None, 0, 0
     wall_m, wall_b = sum(a["wall_s"] for a, _ in pairs), sum(b["wall_s"] for _, b in pairs)
@@ -221,9 +227,9 @@ def paired_measured_kv(mine: list[dict], base: list[dict]) -> float | None:
     """base's mean measured KV over mine's, on the chunks both timed on the same problems (as
     `paired_throughput`): the engine's figure depends on what else it held, so only chunks of the
     same problems with the same number in flight compare."""
-    theirs = {tuple(c["ids"]): c for c in base}
-    a = [v for c in mine if tuple(c["ids"]) in theirs for v in c.get("meas_kv", [])]
-    b = [v for c in mine if tuple(c["ids"]) in theirs for v in theirs[tuple(c["ids"])].get("meas_kv", [])]
+    pairs = same_chunks(mine, base)
+    a = [v for c, _ in pairs for v in c.get("meas_kv", [])]
+    b = [v for _, c in pairs for v in c.get("meas_kv", [])]
     return (sum(b) / len(b)) / (sum(a) / len(a)) if a and b and sum(a) else None
 
 
