@@ -301,3 +301,50 @@ def test_pooled_problems_leave_the_measured_kv_to_the_timed_ones(tmp_path, toy, 
     assert [r["problems"] for r in rows] == [3, 3]
     assert all(r["meas_kv_problems"] == 1 and r["meas_kv_mean"] == 400 for r in rows)
     assert all([c["ids"] for c in r["timed"]] == [["t2"]] for r in rows)
+
+
+def test_compare_over_prms_runs_each_config_under_its_own_prm_and_pairs_them(tmp_path, toy, capsys):
+    """`--prm mock,default`: every method under each PRM on the same problems. Each config's trees
+    are exactly those of a compare with that PRM alone (chunked and pooled alike: each job scores
+    with its own PRM), each ETS row pairs with REBASE under its own PRM, and each row under the
+    second PRM pairs with the same method under the first."""
+    common = [*MOCK, "--limit", "3", "--methods", "rebase,ets", "--widths", "2", "--concurrency", "2"]
+
+    def runs(name):
+        return [x if x != str(tmp_path / "runs") else str(tmp_path / name) for x in toy]
+
+    def saved(name):
+        out = {}
+        for f in (tmp_path / name).glob("*/problems/*.json"):
+            r = json.loads(f.read_text())
+            out[f.parent.parent.name, f.name] = (r["prm"], r["answer"], r["kv"], r["tree"])
+        return out
+
+    for spec in ("mock", "default"):
+        assert cli.main(["compare", *common, "--prm", spec, *runs(spec), "--out", str(tmp_path / f"o-{spec}")]) == 0
+    alone = {**saved("mock"), **saved("default")}
+    assert len(alone) == 12 and len({v[0] for v in alone.values()}) == 2  # two PRMs, named in the records
+    for schedule in ("chunked", "pooled"):
+        out = tmp_path / f"o-{schedule}"
+        assert cli.main(["compare", *common, "--prm", "mock,default", *runs(schedule), "--schedule", schedule,
+                         "--out", str(out)]) == 0
+        assert saved(schedule) == alone  # same run directory names, same trees, scored by the same PRM
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [(r["method"], r["prm"]) for r in rows] == [
+            ("rebase", "mock"), ("ets", "mock"), ("rebase", "default"), ("ets", "default")]
+        by = {(r["method"], r["prm"]): r for r in rows}
+
+        def diff(a, b):
+            x = {p["id"]: p["correct"] for p in a["per_problem"]}
+            y = {p["id"]: p["correct"] for p in b["per_problem"]}
+            return sum(x[i] - y[i] for i in x) / len(x)
+
+        for prm in ("mock", "default"):  # ETS against REBASE under the same PRM
+            assert by["ets", prm]["paired_diff"] == pytest.approx(diff(by["ets", prm], by["rebase", prm]))
+        for m in ("rebase", "ets"):  # the second PRM against the first, per method
+            assert by[m, "default"]["prm_base"] == "mock"
+            assert by[m, "default"]["prm_diff"] == pytest.approx(diff(by[m, "default"], by[m, "mock"]))
+            assert by[m, "mock"].get("prm_diff") is None
+        assert [q["prm"] for q in json.loads((out / "results.json").read_text())["ratios"]] == ["mock", "default"]
+        md = (out / "results.md").read_text()
+        assert "| PRM |" in md and "vs PRM mock [95% CI]" in md and "ets vs rebase, W=2**, PRM default" in md

@@ -84,7 +84,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ids", type=_csv, default=None, help="comma-separated problem ids (overrides limit/offset)")
     g = p.add_argument_group("models")
     g.add_argument("--policy", default="default", help="default | mock | http://HOST:PORT[,...] | model dir/GGUF")
-    g.add_argument("--prm", default="default", help="default | mock | math-shepherd:PATH | qwen-prm:PATH | http://URL")
+    g.add_argument("--prm", default="default", help="default | mock | learned:PATH | math-shepherd:PATH | "
+                   "qwen-prm:PATH | http://URL; compare: several, comma-separated, each run on the same problems")
     g.add_argument("--embedder", default="minilm",
                    help=f"ETS clustering embedder: {' | '.join(EMBEDDERS)} (default minilm)")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
@@ -229,7 +230,7 @@ def search_config(a, strategy: str, width: int, strict: bool = True):
 
 
 def _models(a, rc):
-    from ets.factory import make_policy, make_prm
+    from ets.factory import make_policy
 
     _set_threads(a)
     opts = {"seed": a.seed}
@@ -247,8 +248,15 @@ def _models(a, rc):
             raise BadInput(f"--max-requests {a.max_requests}: give a number >= 1")
         opts["max_concurrency"] = a.max_requests
     policy = make_policy(rc.policy, **opts)
-    prm = make_prm(rc.prm, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
-    return policy, prm
+    return policy, _make_prm(a, rc.prm, policy)
+
+
+def _make_prm(a, spec: str, policy):
+    """The reward model of `spec` (ets.factory.make_prm) with the command's seed and timeout."""
+    from ets.factory import make_prm
+
+    timeout = getattr(a, "request_timeout", None)
+    return make_prm(spec, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
 
 
 def _set_threads(a) -> int | None:
@@ -403,19 +411,32 @@ def cmd_compare(a) -> int:
                                           for w in a.widths)]
     if unused:
         raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in unused)} applies to none of {a.methods}")
-    rcs = [replace(rc, dataset=d) for d in _csv(rc.dataset)]
-    loaded = [load_dataset(r.dataset, r.limit, r.offset, r.ids or None, r.question_field, r.answer_field, r.id_field)
-              for r in rcs]
+    # configs = datasets x PRMs x methods x widths; the PRMs of one dataset share its problem list
+    datasets, prm_specs = list(dict.fromkeys(_csv(rc.dataset))), list(dict.fromkeys(_csv(rc.prm)))
+    data = {d: load_dataset(d, rc.limit, rc.offset, rc.ids or None, rc.question_field, rc.answer_field, rc.id_field)
+            for d in datasets}
+    rcs = [replace(rc, dataset=d, prm=p) for d in datasets for p in prm_specs]
+    loaded = [data[r.dataset] for r in rcs]
     arms = plan(rcs, loaded, methods, a.widths, make_cfg)
-    n_problems = sum(len(p) for _, p in loaded)
+    n_problems = sum(len(p) for _, p in data.values())
     print(f"compare: {len(arms)} configs x {n_problems} problems, {rc.concurrency} in flight per chunk, "
           f"under {rc.runs_dir}", file=sys.stderr)
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.perf_counter()
     failures = []
     try:
-        failures = _execute(lambda policy, prm: run_experiment(
-            arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
-            log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule, admit_until=rc.admit_until), a, rc)
+        async def work(policy, prm):  # prm: the first PRM's model; the others are built and closed here
+            prms = {prm_specs[0]: prm}
+            try:
+                for spec in prm_specs[1:]:
+                    prms[spec] = _make_prm(a, spec, policy)
+                return await run_experiment(
+                    arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
+                    log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule, admit_until=rc.admit_until,
+                    prms=prms if len(prm_specs) > 1 else None)
+            finally:
+                await _close(*(m for spec, m in prms.items() if spec != prm_specs[0]))
+
+        failures = _execute(work, a, replace(rc, prm=prm_specs[0]))
     finally:
         for arm in arms:
             write_summary(arm.run, [p.id for p in arm.problems])
@@ -424,7 +445,7 @@ def cmd_compare(a) -> int:
     not_run = [arm.key for arm in arms if arm not in shown]
     ids = record.common_ids(shown)
     rows = record.rows(shown, ids)
-    key = config_hash({"runs": sorted(arm.run.name for arm in arms), "ids": [p.id for _, ps in loaded for p in ps]})
+    key = config_hash({"runs": sorted(arm.run.name for arm in arms), "ids": [p.id for _, ps in data.values() for p in ps]})
     out = Path(a.out or Path(rc.runs_dir) / f"compare-{key}")
     meta = {"title": a.title, "command": shlex.join(["ets", *getattr(a, "argv", [])]), "started": started,
             "wall_s": time.perf_counter() - t0, "machine": record.machine(),

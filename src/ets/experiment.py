@@ -1,5 +1,5 @@
-"""The experiment runner behind `ets compare`: configs = datasets x methods x widths, run on the
-same problems in one process, interleaved in chunks.
+"""The experiment runner behind `ets compare`: configs = datasets x PRMs x methods x widths, run
+on the same problems in one process, interleaved in chunks.
 
 Methods are specs `strategy[:key=value/key=value]`, e.g. `ets:lambda_c=2/node_cost=tokens`
 (`parse_method`). Each config (an `Arm`) has its own run directory, named by
@@ -98,24 +98,32 @@ class Arm:
     run: RunDir
     task: Task
     problems: list[Problem]
+    prm: str = ""  # the PRM spec when the experiment compares several (ets compare --prm A,B), else ""
 
     @property
     def key(self) -> str:
-        return f"{self.method.label} W={self.width}" + (f" {self.dataset}" if self.dataset else "")
+        return (f"{self.method.label} W={self.width}" + (f" {self.dataset}" if self.dataset else "")
+                + (f" prm={self.prm}" if self.prm else ""))
 
 
 def plan(rcs: list[RunConfig], loaded: list[tuple[Task, list[Problem]]], methods: list[Method],
          widths: list[int], make_cfg: Callable[[Method, int], SearchConfig]) -> list[Arm]:
     """The arms: for each (RunConfig, loaded dataset) pair, every method x width, with its run
     directory prepared as `ets run` prepares it (RunDir.prepare(rc.identity(cfg, task))).
-    `make_cfg(method, width)` builds the SearchConfig (the CLI's flags plus the spec's params)."""
+    `make_cfg(method, width)` builds the SearchConfig (the CLI's flags plus the spec's params).
+    RunConfigs that differ only in their PRM share one loaded problem list (the same object), so
+    their arms run and are reported on the same problems; an arm names its dataset and its PRM
+    only where the experiment has several."""
+    several_data = len({rc.dataset for rc in rcs}) > 1
+    several_prms = len({rc.prm for rc in rcs}) > 1
     arms = []
     for rc, (task, problems) in zip(rcs, loaded):
         for m in methods:
             for w in widths:
                 cfg = make_cfg(m, w)
                 run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict())
-                arms.append(Arm(m, w, rc.dataset if len(rcs) > 1 else "", cfg, run, task, problems))
+                arms.append(Arm(m, w, rc.dataset if several_data else "", cfg, run, task, problems,
+                                rc.prm if several_prms else ""))
     return arms
 
 
@@ -145,11 +153,20 @@ SCHEDULES = ("chunked", "pooled")
 
 async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vote: str = "weighted",
                          agg: str = "last", log: Callable[[str], None] = print,
-                         schedule_: str = "chunked", admit_until: float | None = None) -> list:
+                         schedule_: str = "chunked", admit_until: float | None = None,
+                         prms: dict | None = None) -> list:
     """Run every arm's unsaved problems in the chunked (interleaved) or pooled schedule (see the
     module docstring); returns the failures (ets.runner.Failure; each is also in its run's
-    errors/, and the other problems go on). admit_until: see ets.runner.run_jobs."""
+    errors/, and the other problems go on). admit_until: see ets.runner.run_jobs. `prms`: spec ->
+    reward model for arms that name their PRM (`Arm.prm`); the others use `prm`."""
     from ets.runner import Job, run_jobs
+
+    missing = sorted({a.prm for a in arms if a.prm and a.prm not in (prms or {})})
+    if missing:
+        raise ValueError(f"no reward model given for PRM spec(s) {missing}")
+
+    def job(p: Problem, a: Arm) -> Job:
+        return Job(p, a.cfg, a.run, prms[a.prm] if a.prm else None)
 
     if schedule_ not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule_!r}")
@@ -158,7 +175,7 @@ async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vot
     t0 = time.perf_counter()
     if schedule_ == "pooled":
         for group in by_dataset(arms):
-            jobs = [[Job(p, a.cfg, a.run) for a in group] for p in group[0].problems]
+            jobs = [[job(p, a) for a in group] for p in group[0].problems]
             outcomes = await run_jobs(jobs, group[0].task, policy, prm, embedders=embedders,
                                       concurrency=concurrency, vote=vote, agg=agg, progress=False,
                                       admit_until=admit_until)
@@ -172,7 +189,7 @@ async def run_experiment(arms: list[Arm], policy, prm, concurrency: int = 1, vot
     for n, (ci, arm, chunk) in enumerate(plan_):
         todo = [p for p in chunk if not arm.run.is_done(p.id)]
         if todo:
-            outcomes = await run_jobs([[Job(p, arm.cfg, arm.run)] for p in todo], arm.task, policy, prm,
+            outcomes = await run_jobs([[job(p, arm)] for p in todo], arm.task, policy, prm,
                                       embedders=embedders, concurrency=concurrency, vote=vote, agg=agg,
                                       progress=False, admit_until=admit_until)
             for o in outcomes.values():

@@ -99,6 +99,7 @@ class Job:
     problem: Problem
     cfg: SearchConfig
     run: RunDir
+    prm: object | None = None  # this job's reward model (ets compare --prm A,B); None: run_jobs's prm
 
 
 @dataclass
@@ -199,7 +200,10 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                dynamic_ncols=True)
     t0 = time.perf_counter()
     live = LiveLine(bar)
-    before = (snapshot(policy), snapshot(prm))
+    # each run's PRM (a compare over PRMs has several): its stats delta goes to that run's sessions line
+    run_prm = {j.run.name: prm if j.prm is None else j.prm for jobs in groups for j in jobs}
+    prms = {id(p): p for p in [prm, *run_prm.values()]}
+    before = (snapshot(policy), {k: snapshot(p) for k, p in prms.items()})
 
     async def one(job: Job) -> None:
         out = outcomes[job.run.name]
@@ -207,9 +211,10 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         t = time.perf_counter()
         try:
             emb = _embedder(job.cfg, embedders)
-            result = await search(prompt, policy, prm, job.cfg, embedder=emb, on_depth=live.depth_done)
+            job_prm = prm if job.prm is None else job.prm
+            result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done)
             record = problem_record(job.problem, task, prompt, result, vote, agg,
-                                    getattr(policy, "name", "?"), getattr(prm, "name", "?"))
+                                    getattr(policy, "name", "?"), getattr(job_prm, "name", "?"))
             job.run.write_problem(record)
             out.computed += 1
             out.ids.append(job.problem.id)
@@ -263,7 +268,8 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
     finally:
         bar.close()
         elapsed = time.perf_counter() - t0
-        engine, prm_delta = counter_delta(snapshot(policy), before[0]), counter_delta(snapshot(prm), before[1])
+        engine = counter_delta(snapshot(policy), before[0])
+        prm_delta = {k: counter_delta(snapshot(p), before[1][k]) for k, p in prms.items()}
         for name, out in outcomes.items():
             # one run in this invocation: its wall is the session's; several (compare): the time
             # spent in its own jobs, which is exact at concurrency 1 (documented in the summary)
@@ -272,7 +278,8 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                                        "failed": len(out.failures), "wall_s": wall,
                                        "generated_tokens": out.generated,
                                        "concurrency": concurrency, "interleaved_runs": len(outcomes),
-                                       "ids": out.ids, "engine": engine, "prm": prm_delta})
+                                       "ids": out.ids, "engine": engine,
+                                       "prm": prm_delta[id(run_prm.get(name, prm))]})
     return outcomes
 
 

@@ -20,7 +20,8 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
 
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_method[r.get("method") or r["strategy"]].append(r)
+        by_method[(r.get("method") or r["strategy"]) + (f" {r['dataset']}" if r.get("dataset") else "")
+                  + (f" prm={r['prm']}" if r.get("prm") else "")].append(r)
     fig, (ax_acc, ax_kv) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         rs = sorted(rs, key=lambda r: r["width"])
@@ -61,7 +62,8 @@ def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [f"{r['method']}\nW={r['width']}" for r in rows]
+    labels = [f"{r['method']}\nW={r['width']}" + (f"\n{r['dataset']}" if r.get("dataset") else "")
+              + (f"\nprm={r['prm']}" if r.get("prm") else "") for r in rows]
     x = list(range(len(rows)))
     n = max((r["problems"] for r in rows), default=0)
     files = []

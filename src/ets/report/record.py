@@ -122,22 +122,38 @@ def common_ids(arms) -> list[str]:
 
 
 def rows(arms, ids: list[str] | None = None) -> list[dict]:
-    """One row per arm (ets.experiment.Arm) on the problems `ids` (default `common_ids`)."""
+    """One row per arm (ets.experiment.Arm) on the problems `ids` (default `common_ids`). Each
+    row is paired with REBASE at its width under its own PRM (`paired_*`); where the arms compare
+    several PRMs, each row under a later PRM is also paired with the same method and width under
+    the first PRM (`prm_*`)."""
     ids = common_ids(arms) if ids is None else ids
     out = [_row(a, ids) for a in arms]
+    first_prm = getattr(arms[0], "prm", "") if arms else ""
     for r, a in zip(out, arms):
         base = next((b for b, ba in zip(out, arms) if b["strategy"] == "rebase" and b["width"] == r["width"]
-                     and ba.problems is a.problems), None)
-        if base is None or base is r:
-            continue
-        mine = {p["id"]: p["correct"] for p in r["per_problem"]}
-        theirs = {p["id"]: p["correct"] for p in base["per_problem"]}
-        both = [i for i in mine if i in theirs]
-        diff, lo, hi = paired_interval([mine[i] for i in both], [theirs[i] for i in both])
-        r.update(paired_diff=diff, paired_lo=lo, paired_hi=hi, paired_n=len(both),
-                 paired_only_this=sum(mine[i] and not theirs[i] for i in both),
-                 paired_only_rebase=sum(theirs[i] and not mine[i] for i in both))
+                     and ba.problems is a.problems and b["prm"] == r["prm"]), None)
+        if base is not None and base is not r:
+            diff, lo, hi, n, only_this, only_base = _paired(r, base)
+            r.update(paired_diff=diff, paired_lo=lo, paired_hi=hi, paired_n=n,
+                     paired_only_this=only_this, paired_only_rebase=only_base)
+        same = next((b for b, ba in zip(out, arms) if b["method"] == r["method"] and b["width"] == r["width"]
+                     and ba.problems is a.problems and b["prm"] == (first_prm or None)), None)
+        if r["prm"] and r["prm"] != first_prm and same is not None:
+            diff, lo, hi, n, only_this, only_base = _paired(r, same)
+            r.update(prm_base=first_prm, prm_diff=diff, prm_lo=lo, prm_hi=hi, prm_n=n,
+                     prm_only_this=only_this, prm_only_base=only_base)
     return out
+
+
+def _paired(r: dict, base: dict) -> tuple:
+    """(difference, lo, hi, n, right only in r, right only in base): r's accuracy less base's on
+    the problems both finished, with the paired interval."""
+    mine = {p["id"]: p["correct"] for p in r["per_problem"]}
+    theirs = {p["id"]: p["correct"] for p in base["per_problem"]}
+    both = [i for i in mine if i in theirs]
+    diff, lo, hi = paired_interval([mine[i] for i in both], [theirs[i] for i in both])
+    return (diff, lo, hi, len(both), sum(mine[i] and not theirs[i] for i in both),
+            sum(theirs[i] and not mine[i] for i in both))
 
 
 def _row(arm, ids: list[str]) -> dict:
@@ -166,7 +182,8 @@ def _row(arm, ids: list[str]) -> dict:
     errors = [e for e in arm.run.errors() if e["id"] in {p.id for p in arm.problems}]
     return {
         "method": arm.method.label, "strategy": arm.method.strategy, "width": arm.width,
-        "dataset": arm.dataset or None, "params": arm.method.params, "run_dir": str(arm.run.path),
+        "dataset": arm.dataset or None, "prm": getattr(arm, "prm", "") or None, "params": arm.method.params,
+        "run_dir": str(arm.run.path),
         "problems": n, "failed": len(errors), "correct": k, "accuracy": s["accuracy"], "acc_lo": lo, "acc_hi": hi,
         "paired_diff": None, "paired_lo": None, "paired_hi": None,
         "kv_mean": s["kv_mean"], "kv_peak": s["kv_peak"], "kv_peak_mean": s["kv_peak_mean"],
@@ -242,12 +259,12 @@ def ratios(rows_: list[dict]) -> list[dict]:
     out = []
     for r in rows_:
         base = next((b for b in rows_ if b["strategy"] == "rebase" and b["width"] == r["width"]
-                     and b.get("dataset") == r.get("dataset")), None)
+                     and b.get("dataset") == r.get("dataset") and b.get("prm") == r.get("prm")), None)
         if r["strategy"] != "ets" or base is None:
             continue
         tok, prob, n_chunks, n_timed = paired_throughput(r.get("timed", []), base.get("timed", []))
         out.append({
-            "ets": r["method"], "width": r["width"], "dataset": r.get("dataset"),
+            "ets": r["method"], "width": r["width"], "dataset": r.get("dataset"), "prm": r.get("prm"),
             "kv_reduction": div(base["kv_mean"], r["kv_mean"]),
             "kv_peak_reduction": div(base["kv_peak"], r["kv_peak"]),
             "meas_kv_reduction": paired_measured_kv(r.get("timed", []), base.get("timed", [])),
@@ -267,10 +284,13 @@ def table(rows_: list[dict]) -> str:
     row has them."""
     has = {k: any(r.get(k) is not None for r in rows_)
            for k in ("meas_kv_mean", "prefill_tokens", "prefix_hit_rate", "paired_diff", "dataset",
-                     "server_running")}
+                     "server_running", "prm", "prm_diff")}
     has_waves = any(r.get("waves") for r in rows_)
-    head = ["method", "W"] + (["data"] if has["dataset"] else []) + ["n", "acc [95% CI]"]
+    base_prm = next((r["prm_base"] for r in rows_ if r.get("prm_diff") is not None), None)
+    head = ["method", "W"] + (["data"] if has["dataset"] else []) + (["PRM"] if has["prm"] else [])
+    head += ["n", "acc [95% CI]"]
     head += ["vs REBASE [95% CI]"] if has["paired_diff"] else []
+    head += [f"vs PRM {base_prm} [95% CI]"] if has["prm_diff"] else []
     head += ["KV mean", "KV peak", "blocks mean", "blocks peak"]
     head += ["meas KV mean", "meas KV peak"] if has["meas_kv_mean"] else []
     head += ["prefill tok"] if has["prefill_tokens"] else []
@@ -280,10 +300,12 @@ def table(rows_: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows_:
         cells = [r["method"], str(r["width"])] + ([r.get("dataset") or "-"] if has["dataset"] else [])
+        cells += [r.get("prm") or "-"] if has["prm"] else []
         cells += [str(r["problems"]), f"{r['accuracy']:.3f} [{r['acc_lo']:.2f}, {r['acc_hi']:.2f}]"]
-        if has["paired_diff"]:
-            cells.append("-" if r.get("paired_diff") is None else
-                         f"{100 * r['paired_diff']:+.1f} [{100 * r['paired_lo']:+.0f}, {100 * r['paired_hi']:+.0f}]")
+        for k in ("paired", "prm"):
+            if has[f"{k}_diff"]:
+                cells.append("-" if r.get(f"{k}_diff") is None else
+                             f"{100 * r[f'{k}_diff']:+.1f} [{100 * r[f'{k}_lo']:+.0f}, {100 * r[f'{k}_hi']:+.0f}]")
         cells += [_f(r["kv_mean"], "{:.0f}"), _f(r["kv_peak"], "{}"), _f(r["kv_blocks_mean"], "{:.1f}"),
                   _f(r["kv_blocks_peak"], "{}")]
         if has["meas_kv_mean"]:
@@ -324,7 +346,8 @@ def ratio_lines(rats: list[dict]) -> list[str]:
         paired = (f" = {100 * p[0]:+.1f} points, paired 95% interval [{100 * p[1]:+.1f}, {100 * p[2]:+.1f}]"
                   if p[0] is not None else f" = {q['acc_diff_points']:+.1f} points")
         lines.append(
-            f"- **{q['ets']} vs rebase, W={q['width']}**{' ' + q['dataset'] if q.get('dataset') else ''} (n={q['n']}): "
+            f"- **{q['ets']} vs rebase, W={q['width']}**{' ' + q['dataset'] if q.get('dataset') else ''}"
+            f"{', PRM ' + q['prm'] if q.get('prm') else ''} (n={q['n']}): "
             f"KV reduction (tree mean) **{_f(q['kv_reduction'], '{:.2f}')}x** "
             f"[target 1.8x: {'met' if ok_kv else 'missed'}], peak {_f(q['kv_peak_reduction'], '{:.2f}')}x"
             + (f", measured by the engine {_f(q['meas_kv_reduction'], '{:.2f}')}x (on the timed problems below)"
