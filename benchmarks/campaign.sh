@@ -56,6 +56,7 @@ STAGES=(
   "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
+  "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 24 --concurrency 24 --schedule chunked --runs-dir $RUNS/memory-bound --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 28,000-token KV cache, T=0.8, 512 tokens'"
 )
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)

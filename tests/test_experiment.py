@@ -348,3 +348,28 @@ def test_compare_over_prms_runs_each_config_under_its_own_prm_and_pairs_them(tmp
         assert [q["prm"] for q in json.loads((out / "results.json").read_text())["ratios"]] == ["mock", "default"]
         md = (out / "results.md").read_text()
         assert "| PRM |" in md and "vs PRM mock [95% CI]" in md and "ets vs rebase, W=2**, PRM default" in md
+
+
+def test_every_campaign_stage_is_a_valid_compare_command():
+    """benchmarks/campaign.sh --list prints each stage's `ets compare`: each parses with the CLI's
+    own parser and its methods as specs, so a typo in a stage fails here, not hours into a session."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(root / "benchmarks" / "campaign.sh"), "--list"], capture_output=True,
+                         text=True, check=True, env={"PATH": "/usr/bin:/bin", "ETS": "ets"}).stdout
+    stages = dict(line.split(": ", 1) for line in out.splitlines())
+    assert {"bon16", "gsm8k-w16", "frontier-w16", "learned-prm-w16", "memory-bound"} <= set(stages)
+    for name, command in stages.items():
+        argv = shlex.split(command)
+        assert argv[:2] == ["ets", "compare"], name
+        a = cli.build_parser().parse_args(argv[1:])
+        assert a.limit and a.out and a.temperature == 0.8 and a.max_tokens == 512, name
+        for spec in a.methods:
+            parse_method(spec)
+        for prm in a.prm.split(","):
+            kind, _, path = prm.partition(":")
+            assert kind in ("default", "learned"), name
+            assert not path or (root / path).is_file(), f"{name}: {path} is not in the repository"
