@@ -234,6 +234,8 @@ def test_factory_dispatch(monkeypatch):
     assert type(f.make_policy("mock", seed=5)).__name__ == "MockPolicy"
     with pytest.raises(f.SpecError, match="unknown PRM spec"):
         f.make_prm("nonsense", None)
+    with pytest.raises(f.SpecError, match="one PRM per run; `ets compare --prm A,B`"):
+        f.make_prm("default,mock", None)
 
 
 def test_threads_default_follows_where_the_server_is(monkeypatch):

@@ -81,6 +81,9 @@ def make_prm(spec: str | None, policy=None, **opts):
         return _call("ets.prm.mock.MockPRM", **opts)
     if _is_url(spec):
         return _call("ets.prm.served.ServedPRM", spec, **opts)
+    if "," in spec:
+        raise SpecError(f"--prm {spec!r}: one PRM per run; `ets compare --prm A,B` compares several "
+                        "on the same problems")
     kind, sep, path = spec.partition(":")
     if kind == "learned" and path:
         return _learned(path, policy)
