@@ -318,6 +318,30 @@ def test_ets_run_with_the_learned_prm_end_to_end(toy, tmp_path, capsys):
     assert rec["prm"].startswith("learned:mock.npz@")
     scored = [n for n in rec["tree"]["nodes"] if n["parent"] is not None]
     assert scored and all(0 < n["score"] < 1 for n in scored)
+    # the run is named by the file's content: the same file elsewhere resumes it (nothing computed)
+    moved = tmp_path / "elsewhere" / "copy.npz"
+    moved.parent.mkdir()
+    moved.write_bytes(out.read_bytes())
+    assert cli.main(["run", *MOCK, *toy, "--limit", "3", "--strategy", "rebase", "--width", "4",
+                     "--prm", f"learned:{moved}", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["name"] == summary["name"] and again["problems"] == 3
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("rebase-w4")] == [d.name]
+
+
+def test_a_learned_prm_names_its_runs_by_the_file_content(tmp_path):
+    from ets.factory import SpecError, prm_identity
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    learned.save(a, np.zeros(3), 0.0, np.zeros(3), np.ones(3), {"policy": "mock"})
+    b.write_bytes(a.read_bytes())
+    assert prm_identity(f"learned:{a}") == prm_identity(f"learned:{b}") != f"learned:{a}"
+    assert prm_identity(f"learned:{a}?any_policy=1").endswith("?any_policy=1")
+    learned.save(b, np.ones(3), 0.0, np.zeros(3), np.ones(3), {"policy": "mock"})  # retrained in place
+    assert prm_identity(f"learned:{b}") != prm_identity(f"learned:{a}")
+    assert prm_identity("default") == "default" and prm_identity("math-shepherd:/m") == "math-shepherd:/m"
+    with pytest.raises(SpecError, match="cannot read .*ets train-prm"):
+        prm_identity(f"learned:{tmp_path / 'none.npz'}")
 
 
 def test_rollouts_resume_and_nothing_is_fitted_until_all_are_in(toy, tmp_path, planted, monkeypatch, capsys):

@@ -94,6 +94,24 @@ def make_prm(spec: str | None, policy=None, **opts):
                     "learned:PATH or an http(s):// URL")
 
 
+def prm_identity(spec: str) -> str:
+    """How a PRM spec names a run (ets.runner.RunConfig.identity): the spec itself, except that a
+    learned PRM is named by its file's content, so the same file under another path resumes the
+    same run and a file retrained in place starts a new one."""
+    import hashlib
+    from pathlib import Path
+
+    kind, _, rest = spec.partition(":")
+    if kind != "learned" or not rest:
+        return spec
+    path, _, query = rest.partition("?")
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise SpecError(f"--prm {spec}: cannot read {path} ({e.strerror}); make one with `ets train-prm`") from e
+    return f"learned:sha256={digest}" + (f"?{query}" if query else "")
+
+
 def _learned(path: str, policy):
     """learned:PATH[?any_policy=1|0]: the file of `ets train-prm`, checked against `policy`."""
     from urllib.parse import parse_qsl

@@ -85,7 +85,9 @@ class RunConfig:
 
     def identity(self, search: SearchConfig, task: dict) -> dict:
         """Everything that changes a problem's result under `search`: hashed into the run name."""
-        return {"search": search.to_dict(), "policy": self.policy, "prm": self.prm,
+        from ets.factory import prm_identity
+
+        return {"search": search.to_dict(), "policy": self.policy, "prm": prm_identity(self.prm),
                 "embedder": self.embedder if search.strategy == "ets" else None,
                 "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
                 "task": task,
@@ -341,7 +343,7 @@ def write_summary(run: RunDir, problem_ids: list[str] | None = None, extra: dict
     ident = cfg.get("identity", {})
     summary.update({"name": run.name, "hash": cfg.get("hash"), "strategy": ident.get("search", {}).get("strategy"),
                     "width": ident.get("search", {}).get("width"), "policy": ident.get("policy"),
-                    "prm": ident.get("prm"), "dataset": ident.get("dataset"),
+                    "prm": cfg.get("run", {}).get("prm", ident.get("prm")), "dataset": ident.get("dataset"),
                     "vote": cfg.get("run", {}).get("vote", "weighted"), "agg": cfg.get("run", {}).get("agg", "last"),
                     "versions": versions()})
     summary.update(run_measures(records, run.sessions()))
