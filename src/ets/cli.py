@@ -432,7 +432,7 @@ def cmd_compare(a) -> int:
                 return await run_experiment(
                     arms, policy, prm, concurrency=rc.concurrency, vote=rc.vote, agg=rc.agg,
                     log=lambda m: print(m, file=sys.stderr), schedule_=a.schedule, admit_until=rc.admit_until,
-                    prms=prms if len(prm_specs) > 1 else None)
+                    prms=prms)
             finally:
                 await _close(*(m for spec, m in prms.items() if spec != prm_specs[0]))
 

@@ -213,7 +213,7 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         t = time.perf_counter()
         try:
             emb = _embedder(job.cfg, embedders)
-            job_prm = prm if job.prm is None else job.prm
+            job_prm = run_prm[job.run.name]
             result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done)
             record = problem_record(job.problem, task, prompt, result, vote, agg,
                                     getattr(policy, "name", "?"), getattr(job_prm, "name", "?"))

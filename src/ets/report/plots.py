@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _config_suffix(r: dict, sep: str) -> str:
+    """What tells a row apart beyond its method and width: its dataset and PRM where the
+    experiment had several (ets.experiment.Arm.key names them the same way)."""
+    return (f"{sep}{r['dataset']}" if r.get("dataset") else "") + (f"{sep}prm={r['prm']}" if r.get("prm") else "")
+
+
 def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
     """Save a PNG with two panels (accuracy vs width; mean and peak KV tokens vs width).
 
@@ -20,8 +26,7 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
 
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_method[(r.get("method") or r["strategy"]) + (f" {r['dataset']}" if r.get("dataset") else "")
-                  + (f" prm={r['prm']}" if r.get("prm") else "")].append(r)
+        by_method[(r.get("method") or r["strategy"]) + _config_suffix(r, " ")].append(r)
     fig, (ax_acc, ax_kv) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         rs = sorted(rs, key=lambda r: r["width"])
@@ -62,8 +67,7 @@ def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [f"{r['method']}\nW={r['width']}" + (f"\n{r['dataset']}" if r.get("dataset") else "")
-              + (f"\nprm={r['prm']}" if r.get("prm") else "") for r in rows]
+    labels = [f"{r['method']}\nW={r['width']}" + _config_suffix(r, "\n") for r in rows]
     x = list(range(len(rows)))
     n = max((r["problems"] for r in rows), default=0)
     files = []

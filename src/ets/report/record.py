@@ -136,9 +136,11 @@ def rows(arms, ids: list[str] | None = None) -> list[dict]:
             diff, lo, hi, n, only_this, only_base = _paired(r, base)
             r.update(paired_diff=diff, paired_lo=lo, paired_hi=hi, paired_n=n,
                      paired_only_this=only_this, paired_only_rebase=only_base)
+        if not r["prm"] or r["prm"] == first_prm:  # one PRM only, or this row is under the first
+            continue
         same = next((b for b, ba in zip(out, arms) if b["method"] == r["method"] and b["width"] == r["width"]
-                     and ba.problems is a.problems and b["prm"] == (first_prm or None)), None)
-        if r["prm"] and r["prm"] != first_prm and same is not None:
+                     and ba.problems is a.problems and b["prm"] == first_prm), None)
+        if same is not None:
             diff, lo, hi, n, only_this, only_base = _paired(r, same)
             r.update(prm_base=first_prm, prm_diff=diff, prm_lo=lo, prm_hi=hi, prm_n=n,
                      prm_only_this=only_this, prm_only_base=only_base)
