@@ -11,11 +11,13 @@
 #   bash benchmarks/campaign.sh --list                           # the stages and their commands
 #
 # Stage memory-bound (issue 11 item 3) runs only when named, against a server restarted with a
-# small KV cache: `ets serve PATH.gguf --kv-cache-gb 1 -- --num-gpu-blocks-override 875` (875
-# blocks x 32 = 28,000 tokens; REBASE W=16 peaks at about 1,400 tokens a problem on the server,
-# so 24 problems in flight outgrow it). It refuses a server holding more than KV_MAX tokens
-# (default 50,000), times each method (chunked schedule) and has its own run directories
-# ($RUNS/memory-bound: the same problems as the main record, recomputed under the small cache).
+# small KV cache: `ets serve PATH.gguf --kv-cache-gb 1 --max-model-len 2048 --
+# --num-gpu-blocks-override 100` (100 blocks x 32 = 3,200 tokens, room for about 20 of the search's
+# sequences; REBASE's 16 problems in flight ask for up to 256). A 28,000-token cache (875 blocks)
+# was tried first (2026-12-01): the server ran its 128-sequence maximum at 64-72% of the cache with
+# no preemption for 25 minutes, so the cache did not bind. It refuses a server holding more than
+# KV_MAX tokens (default 3,200), times each method (chunked schedule) and has its own run
+# directories ($RUNS/memory-bound-3200: the record's first problems, recomputed under the small cache).
 #
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
@@ -57,10 +59,10 @@ STAGES=(
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
-  "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 24 --concurrency 24 --schedule chunked --runs-dir $RUNS/memory-bound --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 28,000-token KV cache, T=0.8, 512 tokens'"
+  "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-3200 --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 3,200-token KV cache (100 blocks), T=0.8, 512 tokens'"
 )
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)
-KV_MAX="${KV_MAX:-50000}"
+KV_MAX="${KV_MAX:-3200}"
 
 server_kv_tokens() {  # the server's KV capacity in tokens (ets.engines.server_metrics reads /metrics)
   "$(dirname "$(command -v "$ETS")")/python" - "$POLICY" <<'PY'
@@ -94,7 +96,7 @@ for s in "${STAGES[@]}"; do
     cap=$(server_kv_tokens)
     if [ -z "$cap" ] || [ "$cap" -gt "$KV_MAX" ]; then
       echo "[campaign] memory-bound needs a server with at most $KV_MAX KV tokens (this one: ${cap:-unknown});" \
-           "restart it: ets serve PATH.gguf --kv-cache-gb 1 -- --num-gpu-blocks-override 875" >&2
+           "restart it: ets serve PATH.gguf --kv-cache-gb 1 --max-model-len 2048 -- --num-gpu-blocks-override 100" >&2
       exit 2
     fi
     echo "[campaign] server KV cache: $cap tokens" >&2
