@@ -15,9 +15,9 @@
 # --num-gpu-blocks-override 100` (100 blocks x 32 = 3,200 tokens, room for about 20 of the search's
 # sequences; REBASE's 16 problems in flight ask for up to 256). A 28,000-token cache (875 blocks)
 # was tried first (2026-12-01): the server ran its 128-sequence maximum at 64-72% of the cache with
-# no preemption for 25 minutes, so the cache did not bind. It refuses a server holding more than
-# KV_MAX tokens (default 3,200), times each method (chunked schedule) and has its own run
-# directories ($RUNS/memory-bound-3200: the record's first problems, recomputed under the small cache).
+# no preemption for 25 minutes, so the cache did not bind. It refuses a server whose cache is not
+# exactly 3,200 tokens (its run directories, $RUNS/memory-bound-3200, are named for that cache: the
+# record's first problems, recomputed under it) and times each method (chunked schedule).
 #
 # Environment: POLICY (default http://127.0.0.1:8000), RUNS (run directories, default runs; keep
 # them out of git), OUT (results root, default benchmarks/results), CONCURRENCY (problems in flight,
@@ -62,7 +62,7 @@ STAGES=(
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-3200 --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 3,200-token KV cache (100 blocks), T=0.8, 512 tokens'"
 )
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)
-KV_MAX="${KV_MAX:-3200}"
+KV_TOKENS=3200  # the memory-bound stage's cache; its run directory and title name it
 
 server_kv_tokens() {  # the server's KV capacity in tokens (ets.engines.server_metrics reads /metrics)
   "$(dirname "$(command -v "$ETS")")/python" - "$POLICY" <<'PY'
@@ -93,9 +93,9 @@ for s in "${STAGES[@]}"; do
   if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
   if [ ${#wanted[@]} -eq 0 ] && [[ "$NAMED_ONLY" =~ " $name " ]]; then continue; fi
   if [ "$name" = memory-bound ]; then
-    cap=$(server_kv_tokens)
-    if [ -z "$cap" ] || [ "$cap" -gt "$KV_MAX" ]; then
-      echo "[campaign] memory-bound needs a server with at most $KV_MAX KV tokens (this one: ${cap:-unknown});" \
+    cap=$(server_kv_tokens 2>/dev/null || true)  # empty when no server answers
+    if [ "$cap" != "$KV_TOKENS" ]; then
+      echo "[campaign] memory-bound needs a server with a KV cache of exactly $KV_TOKENS tokens (this one: ${cap:-unknown});" \
            "restart it: ets serve PATH.gguf --kv-cache-gb 1 --max-model-len 2048 -- --num-gpu-blocks-override 100" >&2
       exit 2
     fi
