@@ -46,6 +46,11 @@ MODEL="Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build)"
 COMMON=(--policy "$POLICY" --temperature 0.8 --max-tokens 512 --max-step-tokens 256 --step-delimiter '\n\n'
         --concurrency "$CONCURRENCY" --schedule "$SCHEDULE" --request-timeout 3600 --runs-dir "$RUNS" --no-progress)
 
+# The memory-bound stage's cache: blocks of 32 tokens (ets serve's block size); its run directory,
+# title and server check are derived from it.
+MB_BLOCKS=100
+MB_TOKENS=$((MB_BLOCKS * 32))
+
 # name | ets compare arguments (besides COMMON) — in the order the issue asks for them.
 # The frontier (item 4): lambda_c 0.5/1/2/4 at the paper's lambda_s (1.5 at W=16), lambda_s 0 and
 # 2x at lambda_c 1, the token node cost, and one hard KV budget (600 kept tokens: REBASE kept
@@ -59,10 +64,9 @@ STAGES=(
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
-  "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-3200 --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a 3,200-token KV cache (100 blocks), T=0.8, 512 tokens'"
+  "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-$MB_TOKENS --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a $MB_TOKENS-token KV cache ($MB_BLOCKS blocks), T=0.8, 512 tokens'"
 )
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)
-KV_TOKENS=3200  # the memory-bound stage's cache; its run directory and title name it
 
 server_kv_tokens() {  # the server's KV capacity in tokens (ets.engines.server_metrics reads /metrics)
   "$(dirname "$(command -v "$ETS")")/python" - "$POLICY" <<'PY'
@@ -94,9 +98,9 @@ for s in "${STAGES[@]}"; do
   if [ ${#wanted[@]} -eq 0 ] && [[ "$NAMED_ONLY" =~ " $name " ]]; then continue; fi
   if [ "$name" = memory-bound ]; then
     cap=$(server_kv_tokens 2>/dev/null || true)  # empty when no server answers
-    if [ "$cap" != "$KV_TOKENS" ]; then
-      echo "[campaign] memory-bound needs a server with a KV cache of exactly $KV_TOKENS tokens (this one: ${cap:-unknown});" \
-           "restart it: ets serve PATH.gguf --kv-cache-gb 1 --max-model-len 2048 -- --num-gpu-blocks-override 100" >&2
+    if [ "$cap" != "$MB_TOKENS" ]; then
+      echo "[campaign] memory-bound needs a server with a KV cache of exactly $MB_TOKENS tokens (this one: ${cap:-unknown});" \
+           "restart it: ets serve PATH.gguf --kv-cache-gb 1 --max-model-len 2048 -- --num-gpu-blocks-override $MB_BLOCKS" >&2
       exit 2
     fi
     echo "[campaign] server KV cache: $cap tokens" >&2

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from ets import admission
 from ets.answer import AGGREGATIONS, VOTES, select_from_tree
 from ets.config import SearchConfig, _check
+from ets.factory import prm_identity
 from ets.measures import counter_delta, run_measures, snapshot, trace_measures
 from ets.runs import RunDir, summarize, versions
 from ets.search import search
@@ -85,8 +86,6 @@ class RunConfig:
 
     def identity(self, search: SearchConfig, task: dict) -> dict:
         """Everything that changes a problem's result under `search`: hashed into the run name."""
-        from ets.factory import prm_identity
-
         return {"search": search.to_dict(), "policy": self.policy, "prm": prm_identity(self.prm),
                 "embedder": self.embedder if search.strategy == "ets" else None,
                 "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
