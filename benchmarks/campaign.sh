@@ -55,6 +55,9 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # The frontier (item 4): lambda_c 0.5/1/2/4 at the paper's lambda_s (1.5 at W=16), lambda_s 0 and
 # 2x at lambda_c 1, the token node cost, and one hard KV budget (600 kept tokens: REBASE kept
 # 1,066 a decision in the replay of the first 22 problems, replay-w16.md), most telling first.
+# gsm8k-w16-lc2 carries the frontier's lambda_c 2 (on 24 problems: REBASE's accuracy at 1.20x
+# less KV; under the memory-bound cache 1.14x tok/s) to the record's 100 problems, paired with the
+# record's REBASE and ETS (the same run directories: their finished problems are reused).
 STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
@@ -62,6 +65,7 @@ STAGES=(
   "gsm8k-w16-beam-dvts|--methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
+  "gsm8k-w16-lc2|--methods rebase,ets,ets:lambda_c=2 --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-lambda-c2 --title 'GSM8K W=16, ETS at lambda_c 2 beside the record, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-$MB_TOKENS --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a $MB_TOKENS-token KV cache ($MB_BLOCKS blocks), T=0.8, 512 tokens'"

@@ -361,7 +361,7 @@ def test_every_campaign_stage_is_a_valid_compare_command():
     out = subprocess.run(["bash", str(root / "benchmarks" / "campaign.sh"), "--list"], capture_output=True,
                          text=True, check=True, env={"PATH": "/usr/bin:/bin", "ETS": "ets"}).stdout
     stages = dict(line.split(": ", 1) for line in out.splitlines())
-    assert {"bon16", "gsm8k-w16", "frontier-w16", "learned-prm-w16", "memory-bound"} <= set(stages)
+    assert {"bon16", "gsm8k-w16", "frontier-w16", "gsm8k-w16-lc2", "learned-prm-w16", "memory-bound"} <= set(stages)
     for name, command in stages.items():
         argv = shlex.split(command)
         assert argv[:2] == ["ets", "compare"], name
