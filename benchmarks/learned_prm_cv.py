@@ -3,12 +3,18 @@ generation: each fold's heads are fitted on the other folds' prefixes (outcome l
 final-step score is judged against correctness beside the PRM the rollouts were made with.
 
     python benchmarks/learned_prm_cv.py runs/prm/best_of_n-w4-XXXXXXXX [--folds 5] [--l2 1e-3] \\
-        [--sets stats-v1,stats,full]
+        [--sets stats-v1,stats,stats-split,full] [--test runs/best_of_n-w16-XXXXXXXX]
 
 Sets: stats-v1 (the 13 statistics of the first files), stats-read1 (all statistics, numbers read
 as features version 1 did, by hand), stats (all statistics, the current version), full (the
-embedding as well; loads --embedder, slow on CPU). A held-out split of one fifth of 128 problems
+embedding as well; loads --embedder, slow on CPU); stats-split: the statistics, with one head
+for prefixes that state a final answer and one for the rest (an experiment: the file format has
+one head). A held-out split of one fifth of 128 problems
 is noisy (33 problems); the folds use every problem once as held out.
+
+--test RUN_DIR: each set's heads fitted on every rollout, then judged on the saved trees of
+another run (best-of-N on test problems) as benchmarks/learned_prm_eval.py judges a file: final-step
+AUROC pooled and within problems, and the weighted / best / majority / any-correct accuracy.
 """
 
 from __future__ import annotations
@@ -26,7 +32,22 @@ from ets.tasks import Task
 
 V = learned.FEATURES_VERSION
 SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1, V), "stats-read1": ("stats", learned.STAT_NAMES, 1),
-        "stats": ("stats", learned.STAT_NAMES, V), "full": ("full", learned.STAT_NAMES, V)}
+        "stats": ("stats", learned.STAT_NAMES, V), "stats-split": ("stats", learned.STAT_NAMES, V),
+        "full": ("full", learned.STAT_NAMES, V)}
+SPLIT_ON = learned.STAT_NAMES.index("final_answer")  # stats-split: one head per value of this column
+
+
+def fit_predict(name, x_fit, y_fit, x_new, l2):
+    """Scores of x_new by the set's head(s) fitted on (x_fit, y_fit)."""
+    groups = [np.ones(len(x_fit), bool)], [np.ones(len(x_new), bool)]
+    if name == "stats-split":
+        groups = [x_fit[:, SPLIT_ON] > 0.5, x_fit[:, SPLIT_ON] <= 0.5], [x_new[:, SPLIT_ON] > 0.5, x_new[:, SPLIT_ON] <= 0.5]
+    out = np.zeros(len(x_new))
+    for fit_rows, new_rows in zip(*groups):
+        if new_rows.any():
+            w, b, mean, scale, _ = train.fit_logistic(x_fit[fit_rows], y_fit[fit_rows], l2)
+            out[new_rows] = train._predict(x_new[new_rows], w, b, mean, scale)
+    return out
 
 
 def fold_of(problem_id: str, folds: int) -> int:
@@ -40,6 +61,7 @@ def main() -> int:
     p.add_argument("--l2", type=float, default=1e-3)
     p.add_argument("--sets", default="stats-v1,stats-read1,stats")
     p.add_argument("--embedder", default="minilm")
+    p.add_argument("--test", default=None, metavar="RUN_DIR", help="also fit on every rollout and judge on this run's trees")
     a = p.parse_args()
     records = list(RunDir(a.run_dir).iter_problems())
     if not records:
@@ -59,14 +81,23 @@ def main() -> int:
 
     if None not in ex.rollout_score:
         report(f"rollouts' PRM ({records[0].get('prm', '?')})", np.array(ex.rollout_score, float))
+    tests = list(RunDir(a.test).iter_problems()) if a.test else []
+    test_ex = train.examples_from_records(tests, task) if tests else None
     for name in a.sets.split(","):
         feature_set, stats, version = SETS[name]
-        x = learned.Features(a.embedder, feature_set=feature_set, stats=stats, version=version).rows(ex.question, ex.prefix)
+        features = learned.Features(a.embedder, feature_set=feature_set, stats=stats, version=version)
+        x = features.rows(ex.question, ex.prefix)
         pred = np.zeros(len(y))
         for k in range(a.folds):
-            w, b, mean, scale, _ = train.fit_logistic(x[fold != k], y[fold != k], a.l2)
-            pred[fold == k] = train._predict(x[fold == k], w, b, mean, scale)
+            pred[fold == k] = fit_predict(name, x[fold != k], y[fold != k], x[fold == k], a.l2)
         report(f"learned, {name} ({x.shape[1]})", pred)
+        if test_ex is not None:
+            scores = fit_predict(name, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
+            w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
+            print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
+                  f"{w['auroc_final']:.3f} pooled, {w['auroc_final_within']:.3f} within; weighted "
+                  f"{w['acc_weighted']:.3f}, best {w['acc_best']:.3f}, majority {w['acc_majority']:.3f}, "
+                  f"any {w['acc_oracle']:.3f}")
     return 0
 
 
