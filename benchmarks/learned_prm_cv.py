@@ -9,8 +9,8 @@ Sets: stats-v1 (the 13 statistics of the first files), stats-read1 (all statisti
 as features version 1 did, by hand), stats (all statistics, the current version), full (the
 embedding as well; loads --embedder, slow on CPU); stats-split: the statistics, with one head
 for prefixes that state a final answer and one for the rest (an experiment: the file format has
-one head). A held-out split of one fifth of 128 problems
-is noisy (33 problems); the folds use every problem once as held out.
+one head). A held-out split of one fifth of 128 problems is noisy (33 problems); the folds use
+every problem once as held out.
 
 --test RUN_DIR: each set's heads fitted on every rollout, then judged on the saved trees of
 another run (best-of-N on test problems) as benchmarks/learned_prm_eval.py judges a file: final-step
@@ -37,13 +37,19 @@ SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1, V), "stats-read1": ("stats"
 SPLIT_ON = learned.STAT_NAMES.index("final_answer")  # stats-split: one head per value of this column
 
 
+def head_rows(name, x):
+    """The rows each of the set's heads is fitted on or scores: every row, or for stats-split the
+    answered prefixes and the open ones."""
+    if name != "stats-split":
+        return [np.ones(len(x), bool)]
+    answered = x[:, SPLIT_ON] > 0.5
+    return [answered, ~answered]
+
+
 def fit_predict(name, x_fit, y_fit, x_new, l2):
     """Scores of x_new by the set's head(s) fitted on (x_fit, y_fit)."""
-    groups = [np.ones(len(x_fit), bool)], [np.ones(len(x_new), bool)]
-    if name == "stats-split":
-        groups = [x_fit[:, SPLIT_ON] > 0.5, x_fit[:, SPLIT_ON] <= 0.5], [x_new[:, SPLIT_ON] > 0.5, x_new[:, SPLIT_ON] <= 0.5]
     out = np.zeros(len(x_new))
-    for fit_rows, new_rows in zip(*groups):
+    for fit_rows, new_rows in zip(head_rows(name, x_fit), head_rows(name, x_new)):
         if new_rows.any():
             w, b, mean, scale, _ = train.fit_logistic(x_fit[fit_rows], y_fit[fit_rows], l2)
             out[new_rows] = train._predict(x_new[new_rows], w, b, mean, scale)
@@ -94,10 +100,11 @@ def main() -> int:
         if test_ex is not None:
             scores = fit_predict(name, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
             w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
+            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (an AUROC is None with one class)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
-                  f"{w['auroc_final']:.3f} pooled, {w['auroc_final_within']:.3f} within; weighted "
-                  f"{w['acc_weighted']:.3f}, best {w['acc_best']:.3f}, majority {w['acc_majority']:.3f}, "
-                  f"any {w['acc_oracle']:.3f}")
+                  f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
+                  f"{f(w['acc_weighted'])}, best {f(w['acc_best'])}, majority {f(w['acc_majority'])}, "
+                  f"any {f(w['acc_oracle'])}")
     return 0
 
 
