@@ -1,0 +1,55 @@
+"""benchmarks/pair_results.py: rows of different results files paired on their common problems."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ets.report.record import paired_interval
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pair_results.py"
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {}, "rows": rows, "ratios": []}))
+    return path
+
+
+def row(method: str, outcomes: dict, kv: float, prm=None) -> dict:
+    return {"method": method, "prm": prm, "per_problem": [
+        {"id": i, "correct": c, "kv_mean": kv, "kv_peak": kv, "generated_tokens": 1} for i, c in outcomes.items()]}
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_pairs_on_common_problems_only(tmp_path):
+    # base: p0..p5; the other file has p2..p7, so p2..p5 are common (p6, p7 are not in the base)
+    base = write(tmp_path / "record" / "results.json",
+                 [row("rebase", {f"p{i}": i % 2 == 0 for i in range(6)}, kv=1500.0),
+                  row("ets", {f"p{i}": True for i in range(6)}, kv=1000.0)])
+    other = write(tmp_path / "later" / "results.json",
+                  [row("beam", {"p2": True, "p3": True, "p4": False, "p5": False, "p6": True, "p7": True}, kv=1200.0)])
+    out = run("--base", f"{base}:rebase", f"{other}:beam")
+    assert out.returncode == 0, out.stderr
+    # common p2..p5: beam T,T,F,F; rebase (even ids right) T,F,T,F -> 2/4 each, diff 0
+    diff, lo, hi = paired_interval([True, True, False, False], [True, False, True, False])
+    line = next(l for l in out.stdout.splitlines() if l.startswith("| later:beam"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "4" and cells[2].startswith("2/4") and cells[3] == "2/4"
+    assert cells[4] == f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    assert cells[5] == "1 / 1" and cells[8] == "1.25x"  # 1500 / 1200
+
+
+def test_names_the_rows_when_the_method_is_missing_or_ambiguous(tmp_path):
+    f = write(tmp_path / "a" / "results.json",
+              [row("rebase", {"p0": True}, 1.0, prm="default"), row("rebase", {"p0": False}, 1.0, prm="learned:x.npz")])
+    out = run("--base", f"{f}:rebase", f"{f}:rebase@default")
+    assert out.returncode != 0 and "2 rows (add @PRM)" in out.stderr
+    out = run("--base", f"{f}:rebase@learned:x.npz", f"{f}:beam")
+    assert out.returncode != 0 and "no row for method 'beam'" in out.stderr and "rebase@default" in out.stderr
+    out = run("--base", f"{f}:rebase@learned:x.npz", f"{f}:rebase@default")
+    assert out.returncode == 0, out.stderr
+    assert "| a:rebase@default | 1 | 1/1" in out.stdout and "| 0/1 |" in out.stdout
