@@ -10,7 +10,8 @@ machine, is judged against the record's REBASE on the same problems without reco
         benchmarks/results/record-vllm-qwen-gsm8k-w16-beam-dvts/results.json:dvts
 
 A row is FILE:METHOD (METHOD as the results table names it, e.g. `ets:lambda_c=2`); FILE:METHOD@PRM
-picks one PRM's row where a file compares several. Prints a markdown table: problems in common,
+picks one PRM's row where a file compares several; ROW+ROW joins the problems of rows run in pieces
+(say problems 0-49 in one session, 50-99 in the next, each its own results file). Prints a markdown table: problems in common,
 each side's accuracy on them, the paired difference with its 95% interval (Newcombe, as `ets
 compare`), problems right only under one side, and the tree KV means on those problems with their
 ratio (base / this: above 1 means this row kept less KV).
@@ -24,6 +25,21 @@ import sys
 from pathlib import Path
 
 from ets.report.record import paired_interval, wilson
+
+
+def load(spec: str) -> tuple[str, dict]:
+    """(label, row) for ROW[+ROW...]: the pieces' per-problem outcomes joined (SystemExit when a
+    problem is in two pieces)."""
+    pieces = [load_row(s) for s in spec.split("+")]
+    if len(pieces) == 1:
+        return pieces[0]
+    seen: dict[str, str] = {}
+    for label, row in pieces:
+        for p in row["per_problem"]:
+            if p["id"] in seen:
+                raise SystemExit(f"{spec}: problem {p['id']} is in both {seen[p['id']]} and {label}")
+            seen[p["id"]] = label
+    return "+".join(label for label, _ in pieces), {"per_problem": [p for _, r in pieces for p in r["per_problem"]]}
 
 
 def load_row(spec: str) -> tuple[str, dict]:
@@ -80,13 +96,13 @@ def table(base_label: str, pairs: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", required=True, help="FILE.json:METHOD[@PRM] every other row is paired with")
-    ap.add_argument("rows", nargs="+", help="FILE.json:METHOD[@PRM] rows to pair with the base")
+    ap.add_argument("--base", required=True, help="FILE.json:METHOD[@PRM][+...] every other row is paired with")
+    ap.add_argument("rows", nargs="+", help="FILE.json:METHOD[@PRM][+...] rows to pair with the base")
     args = ap.parse_args(argv)
-    base_label, base = load_row(args.base)
+    base_label, base = load(args.base)
     pairs = []
     for spec in args.rows:
-        label, row = load_row(spec)
+        label, row = load(spec)
         pairs.append((label, pair(row, base)))
     print(table(base_label, pairs))
     return 0

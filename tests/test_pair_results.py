@@ -53,3 +53,14 @@ def test_names_the_rows_when_the_method_is_missing_or_ambiguous(tmp_path):
     out = run("--base", f"{f}:rebase@learned:x.npz", f"{f}:rebase@default")
     assert out.returncode == 0, out.stderr
     assert "| a:rebase@default | 1 | 1/1" in out.stdout and "| 0/1 |" in out.stdout
+
+
+def test_joins_rows_run_in_pieces(tmp_path):
+    base = write(tmp_path / "record" / "results.json", [row("rebase", {f"p{i}": i < 2 for i in range(4)}, kv=100.0)])
+    a = write(tmp_path / "first" / "results.json", [row("beam", {"p0": True, "p1": True}, kv=50.0)])
+    b = write(tmp_path / "second" / "results.json", [row("beam", {"p2": True, "p3": False}, kv=50.0)])
+    out = run("--base", f"{base}:rebase", f"{a}:beam+{b}:beam")
+    assert out.returncode == 0, out.stderr
+    assert "| first:beam+second:beam | 4 | 3/4" in out.stdout and "| 2/4 |" in out.stdout and "| 1 / 0 |" in out.stdout
+    out = run("--base", f"{base}:rebase", f"{a}:beam+{a}:beam")
+    assert out.returncode != 0 and "problem p0 is in both" in out.stderr
