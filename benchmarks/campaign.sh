@@ -58,13 +58,14 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # gsm8k-w16-lc2 carries the frontier's lambda_c 2 (on 24 problems: REBASE's accuracy at 1.20x
 # less KV; under the memory-bound cache 1.14x tok/s) to the record's 100 problems, paired with the
 # record's REBASE and ETS (the same run directories: their finished problems are reused).
-# gsm8k-w16-beam-dvts runs the record's two other baselines on their own (the record's REBASE, ETS
-# and best-of-N are not recomputed: the run directories of the record were lost with its machine).
+# gsm8k-w16-beam-dvts runs the record's two other baselines with REBASE and ETS again beside them
+# (on the machine and dtype of the run, so that the pairing is like for like; the record's run
+# directories were lost with its machine; benchmarks/pair_results.py pairs with the record too).
 STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4,ets:lambda_s=0,ets:lambda_c=2/node_cost=tokens,ets:kv_budget=600,ets:lambda_c=0.5,ets:lambda_s=3 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
-  "gsm8k-w16-beam-dvts|--methods beam,dvts --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-beam-dvts --title 'GSM8K W=16, beam search and DVTS beside the record, $MODEL, T=0.8, 512 tokens'"
+  "gsm8k-w16-beam-dvts|--methods beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-beam-dvts --title 'GSM8K W=16, beam search and DVTS beside REBASE and ETS, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-lc2|--methods rebase,ets,ets:lambda_c=2 --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-lambda-c2 --title 'GSM8K W=16, ETS at lambda_c 2 beside the record, $MODEL, T=0.8, 512 tokens'"
