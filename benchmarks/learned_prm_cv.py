@@ -1,6 +1,9 @@
 """K-fold cross-validation (by problem) of learned-PRM feature sets on a rollout run directory, no
 generation: each fold's heads are fitted on the other folds' prefixes (outcome labels), and the
-final-step score is judged against correctness beside the PRM the rollouts were made with.
+final-step score is judged against correctness beside the PRM the rollouts were made with: pooled
+over solutions, per fold, and within problems (the mean over problems with both right and wrong
+solutions: what a vote or a search sees), with the weighted / best / majority / any-correct votes
+of the out-of-fold scores.
 
     python benchmarks/learned_prm_cv.py runs/prm/best_of_n-w4-XXXXXXXX [--folds 5] [--l2 1e-3] \\
         [--sets stats-v1,stats,stats-split,full] [--test runs/best_of_n-w16-XXXXXXXX]
@@ -80,10 +83,16 @@ def main() -> int:
     print(f"{a.run_dir}: {len(records)} problems, {len(ex.problem)} prefixes, {final.sum()} solutions "
           f"({(final & right).sum()} right); {a.folds} folds by problem, L2 {a.l2:g}")
 
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (an AUROC is None with one class)
+
     def report(name, scores):
         per = [auroc(list(scores[final & (fold == k)]), list(right[final & (fold == k)])) for k in range(a.folds)]
-        print(f"  {name:24s} final-step AUROC {auroc(list(scores[final]), list(right[final])):.3f} pooled; "
-              f"per fold {' '.join('-' if v is None else f'{v:.3f}' for v in per)}")
+        # every score is out of fold, so the votes and the within-problem AUROC are held-out figures too
+        w = train.heldout_figures(ex, scores, np.ones(len(scores), bool), task)
+        print(f"  {name:24s} final-step AUROC {auroc(list(scores[final]), list(right[final])):.3f} pooled, "
+              f"{f(w['auroc_final_within'])} within ({w['problems_mixed']} mixed problems); "
+              f"per fold {' '.join(f(v) for v in per)}; weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
+              f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}")
 
     if None not in ex.rollout_score:
         report(f"rollouts' PRM ({records[0].get('prm', '?')})", np.array(ex.rollout_score, float))
@@ -100,7 +109,6 @@ def main() -> int:
         if test_ex is not None:
             scores = fit_predict(name, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
             w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
-            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (an AUROC is None with one class)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
                   f"{f(w['acc_weighted'])}, best {f(w['acc_best'])}, majority {f(w['acc_majority'])}, "
