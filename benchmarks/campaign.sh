@@ -61,12 +61,15 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # gsm8k-w16-beam-dvts runs the record's two other baselines with REBASE and ETS again beside them
 # (on the machine and dtype of the run, so that the pairing is like for like; the record's run
 # directories were lost with its machine; benchmarks/pair_results.py pairs with the record too).
+# math500-w16 lists REBASE and ETS first: the pooled schedule runs a problem's configs in turn, so
+# a stage cut short by UNTIL leaves the last configs with the fewest problems (run it as
+# `--methods rebase,ets` first, then the rest, to be sure of the pair).
 STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4,ets:lambda_s=0,ets:lambda_c=2/node_cost=tokens,ets:kv_budget=600,ets:lambda_c=0.5,ets:lambda_s=3 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-beam-dvts|--methods beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-beam-dvts --title 'GSM8K W=16, beam search and DVTS beside REBASE and ETS, $MODEL, T=0.8, 512 tokens'"
-  "math500-w16|--dataset math500 --methods best_of_n,beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
+  "math500-w16|--dataset math500 --methods rebase,ets,ets:lambda_c=2,best_of_n,dvts,beam --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-lc2|--methods rebase,ets,ets:lambda_c=2 --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-lambda-c2 --title 'GSM8K W=16, ETS at lambda_c 2 beside the record, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
