@@ -14,7 +14,8 @@ picks one PRM's row where a file compares several; ROW+ROW joins the problems of
 (say problems 0-49 in one session, 50-99 in the next, each its own results file). Prints a markdown table: problems in common,
 each side's accuracy on them, the paired difference with its 95% interval (Newcombe, as `ets
 compare`), problems right only under one side, and the tree KV means on those problems with their
-ratio (base / this: above 1 means this row kept less KV).
+ratio (base / this: above 1 means this row kept less KV). `--plot PNG` also draws accuracy against
+tree KV, one point a row, on the problems every row finished (ETS rows as circles).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def load(spec: str) -> tuple[str, dict]:
             if p["id"] in seen:
                 raise SystemExit(f"{spec}: problem {p['id']} is in both {seen[p['id']]} and {label}")
             seen[p["id"]] = label
-    return "+".join(label for label, _ in pieces), {"per_problem": [p for _, r in pieces for p in r["per_problem"]]}
+    return "+".join(label for label, _ in pieces), {"method": pieces[0][1]["method"],
+                                                     "per_problem": [p for _, r in pieces for p in r["per_problem"]]}
 
 
 def load_row(spec: str) -> tuple[str, dict]:
@@ -94,17 +96,41 @@ def table(base_label: str, pairs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def plot(path: str, rows: list[tuple[str, dict]]) -> str:
+    """Accuracy against tree KV for every row (the base first) on the problems all of them
+    finished, so the points are comparable with each other; returns a line saying what was drawn."""
+    from ets.report.plots import plot_accuracy_kv
+
+    common = set.intersection(*({p["id"] for p in r["per_problem"]} for _, r in rows))
+    if not common:
+        raise SystemExit(f"--plot {path}: the rows have no problem in common")
+    # a point is named by its method alone unless two rows share one (then by the whole label)
+    methods = [r["method"] for _, r in rows]
+    points = []
+    for label, r in rows:
+        ps = [p for p in r["per_problem"] if p["id"] in common]
+        right = sum(bool(p["correct"]) for p in ps)
+        lo, hi = wilson(right, len(ps))
+        points.append({"label": r["method"] if methods.count(r["method"]) == 1 else label,
+                       "accuracy": right / len(ps), "acc_lo": lo, "acc_hi": hi,
+                       "kv_mean": sum(p["kv_mean"] for p in ps) / len(ps),
+                       "ets": r["method"].split(":")[0] == "ets"})
+    plot_accuracy_kv(points, path, f"accuracy against KV on the {len(common)} problems every row finished")
+    return f"plot: {path} ({len(rows)} rows on {len(common)} common problems)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="FILE.json:METHOD[@PRM][+...] every other row is paired with")
     ap.add_argument("rows", nargs="+", help="FILE.json:METHOD[@PRM][+...] rows to pair with the base")
+    ap.add_argument("--plot", metavar="PNG", help="also draw accuracy against tree KV, every row on the "
+                    "problems all rows (and the base) finished")
     args = ap.parse_args(argv)
     base_label, base = load(args.base)
-    pairs = []
-    for spec in args.rows:
-        label, row = load(spec)
-        pairs.append((label, pair(row, base)))
-    print(table(base_label, pairs))
+    loaded = [load(spec) for spec in args.rows]
+    print(table(base_label, [(label, pair(row, base)) for label, row in loaded]))
+    if args.plot:
+        print("\n" + plot(args.plot, [(base_label, base), *loaded]))
     return 0
 
 

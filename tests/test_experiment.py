@@ -148,7 +148,7 @@ def test_compare_reuses_runs_made_by_ets_run_and_reports_them(tmp_path, toy, cap
     # each row says what its prob/s and tok/s were timed on: rebase's two sessions, ets's one
     assert (rows["rebase"]["timed_problems"], len(rows["rebase"]["timed"])) == (3, 2)
     assert "| timed on |" in md and "| 3 (2 ch) |" in md and "| 3 (1 ch) |" in md
-    for png in ("accuracy.png", "kv.png", "throughput.png", "selection.png", "widths.png"):
+    for png in ("accuracy.png", "kv.png", "throughput.png", "selection.png", "widths.png", "accuracy_kv.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| method" in capsys.readouterr().out  # the table is printed too
 

@@ -64,3 +64,18 @@ def test_joins_rows_run_in_pieces(tmp_path):
     assert "| first:beam+second:beam | 4 | 3/4" in out.stdout and "| 2/4 |" in out.stdout and "| 1 / 0 |" in out.stdout
     out = run("--base", f"{base}:rebase", f"{a}:beam+{a}:beam")
     assert out.returncode != 0 and "problem p0 is in both" in out.stderr
+
+
+def test_plots_every_row_on_the_problems_all_finished(tmp_path):
+    base = write(tmp_path / "record" / "results.json", [row("rebase", {f"p{i}": True for i in range(4)}, kv=100.0)])
+    other = write(tmp_path / "later" / "results.json",
+                  [row("ets:lambda_c=2", {"p1": True, "p2": False, "p9": True}, kv=80.0),
+                   row("beam", {"p2": True, "p3": True}, kv=60.0)])
+    png = tmp_path / "frontier.png"
+    out = run("--base", f"{base}:rebase", f"{other}:ets:lambda_c=2", f"{other}:beam", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert f"plot: {png} (3 rows on 1 common problems)" in out.stdout  # only p2 is in all three
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    disjoint = write(tmp_path / "far" / "results.json", [row("dvts", {"p7": True}, kv=1.0)])
+    out = run("--base", f"{base}:rebase", f"{disjoint}:dvts", "--plot", str(png))
+    assert out.returncode != 0 and "no problem in common" in out.stderr

@@ -1,5 +1,6 @@
-"""Plots of comparison runs: accuracy and KV vs width (one line per method), and the record's
-per-config bars (accuracy, KV, throughput, selection time)."""
+"""Plots of comparison runs: accuracy and KV vs width (one line per method), the record's
+per-config bars (accuracy, KV, throughput, selection time), and accuracy against KV (one point
+per config: the frontier)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
 def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]:
     """Save accuracy.png (with Wilson intervals), kv.png (tree and measured KV, mean and peak),
     throughput.png (tok/s, problems/s) and selection.png (ms per step) into `out`, one bar per
-    row of ets.report.record.rows; returns the file names."""
+    row of ets.report.record.rows, and accuracy_kv.png (one point per row); returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,4 +120,40 @@ def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]
     ax.set_ylabel("selection ms / step")
     ax.set_title(f"selection overhead — {title}", fontsize=9)
     save(fig, "selection.png")
+
+    plot_accuracy_kv([{"label": lab.replace("\n", " "), "accuracy": r["accuracy"], "acc_lo": r["acc_lo"],
+                       "acc_hi": r["acc_hi"], "kv_mean": r["kv_mean"], "ets": r["strategy"] == "ets"}
+                      for lab, r in zip(labels, rows)],
+                     out / "accuracy_kv.png", f"accuracy against KV, n={n} problems — {title}")
+    files.append("accuracy_kv.png")
     return files
+
+
+def plot_accuracy_kv(points: Sequence[dict], path: str | Path, title: str) -> Path:
+    """Save a PNG of accuracy (95% interval bars) against mean tree KV tokens, one labelled point
+    each: the frontier a KV-saving search is judged on (up and to the left is better).
+
+    points: dicts with label, accuracy, acc_lo, acc_hi, kv_mean and ets (True: an ETS setting,
+    drawn as a circle; False: a baseline, drawn as a square)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, p in enumerate(points):
+        err = [[p["accuracy"] - p["acc_lo"]], [p["acc_hi"] - p["accuracy"]]]
+        ax.errorbar([p["kv_mean"]], [p["accuracy"]], yerr=err, fmt="o" if p["ets"] else "s", ms=7,
+                    color=f"C{i % 10}", capsize=3, alpha=0.85)
+        ax.annotate(p["label"], (p["kv_mean"], p["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.margins(x=0.25)  # room for the labels of the outermost points
+    ax.set_xlabel("tree KV tokens, mean over the search (smaller is better)")
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title + "\ncircles: ETS settings; squares: baselines", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
