@@ -140,16 +140,17 @@ def plot_accuracy_kv(points: Sequence[dict], path: str | Path, title: str) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = [plt.get_cmap("tab10" if len(points) <= 10 else "tab20")(i % 20) for i in range(len(points))]
     for i, p in enumerate(points):
         err = [[p["accuracy"] - p["acc_lo"]], [p["acc_hi"] - p["accuracy"]]]
+        # points often share an accuracy (n is small): a legend, not labels beside the points
         ax.errorbar([p["kv_mean"]], [p["accuracy"]], yerr=err, fmt="o" if p["ets"] else "s", ms=7,
-                    color=f"C{i % 10}", capsize=3, alpha=0.85)
-        ax.annotate(p["label"], (p["kv_mean"], p["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.margins(x=0.25)  # room for the labels of the outermost points
+                    color=colors[i], capsize=3, alpha=0.85, label=p["label"])
     ax.set_xlabel("tree KV tokens, mean over the search (smaller is better)")
     ax.set_ylabel("accuracy (95% Wilson interval)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title + "\ncircles: ETS settings; squares: baselines", fontsize=9)
     fig.tight_layout()
     path = Path(path)
