@@ -58,6 +58,11 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # gsm8k-w16-lc2 carries the frontier's lambda_c 2 (on 24 problems: REBASE's accuracy at 1.20x
 # less KV; under the memory-bound cache 1.14x tok/s) to the record's 100 problems, paired with the
 # record's REBASE and ETS (the same run directories: their finished problems are reused).
+# frontier-w16-64 carries the frontier's two telling settings to 64 problems (frontier-w16's run
+# directories: its first 24 are reused): lambda_c 4, the most KV saved (1.54x on 24, and 1.59x
+# tok/s where memory binds) with an accuracy cost seen in one draw of 24 and not in another; and
+# lambda_s 0, the coverage term off (1.19x KV at REBASE's outcomes on every one of the 24, no
+# embedder).
 # gsm8k-w16-beam-dvts runs the record's two other baselines with REBASE and ETS again beside them
 # (on the machine and dtype of the run, so that the pairing is like for like; the record's run
 # directories were lost with its machine; benchmarks/pair_results.py pairs with the record too).
@@ -68,6 +73,7 @@ STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "frontier-w16|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4,ets:lambda_s=0,ets:lambda_c=2/node_cost=tokens,ets:kv_budget=600,ets:lambda_c=0.5,ets:lambda_s=3 --widths 16 --limit 24 --out $OUT/frontier-vllm-qwen-gsm8k-w16 --title 'ETS frontier, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "frontier-w16-64|--methods rebase,ets:lambda_c=4,ets:lambda_s=0 --widths 16 --limit 64 --out $OUT/frontier-vllm-qwen-gsm8k-w16-64 --title 'ETS frontier carried to 64 problems: lambda_c 4 and lambda_s 0 beside REBASE, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-beam-dvts|--methods beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-beam-dvts --title 'GSM8K W=16, beam search and DVTS beside REBASE and ETS, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods rebase,ets,ets:lambda_c=2,best_of_n,dvts,beam --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
