@@ -49,12 +49,7 @@ def plot_compare(rows: Sequence[dict], path: str | Path, title: str | None = Non
     ax_acc.set_ylim(-0.02, 1.02)
     n = max((r.get("problems", 0) for r in rows), default=0)
     fig.suptitle(title or f"accuracy and KV size vs width ({n} problems)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=110)
 
 
 def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]:
@@ -74,9 +69,7 @@ def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]
     files = []
 
     def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        _save_figure(fig, out / name, dpi=100)
         files.append(name)
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
@@ -152,9 +145,16 @@ def plot_accuracy_kv(points: Sequence[dict], path: str | Path, title: str) -> Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title + "\ncircles: ETS settings; squares: baselines", fontsize=9)
+    return _save_figure(fig, path, dpi=100)
+
+
+def _save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Write the figure (laid out) to path, creating its folder, and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
