@@ -66,9 +66,17 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # gsm8k-w16-beam-dvts runs the record's two other baselines with REBASE and ETS again beside them
 # (on the machine and dtype of the run, so that the pairing is like for like; the record's run
 # directories were lost with its machine; benchmarks/pair_results.py pairs with the record too).
+# learned-prm-train (issue 14) is `ets train-prm`, not `ets compare` (a stage whose arguments begin
+# with a subcommand runs that one, with COMMON less --schedule): outcome-labelled rollouts of 1,000
+# GSM8K *train* problems x 4 (the first file of record had 128 x 4, too few for its vote to beat the
+# majority), the statistics head fitted on them; cut short, it resumes, or `--fit-done` fits on the
+# finished ones.
 # math500-w16 lists REBASE and ETS first: the pooled schedule runs a problem's configs in turn, so
 # a stage cut short by UNTIL leaves the last configs with the fewest problems (run it as
 # `--methods rebase,ets` first, then the rest, to be sure of the pair).
+# math500-w16-baselines is that rest: the record's REBASE and ETS were run first and committed (their
+# run directories were lost with their machine), so its baselines are paired with the committed
+# record by benchmarks/pair_results.py (best-of-16 reuses the run directory of problems 0-31).
 STAGES=(
   "bon16|--methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-gsm8k --title 'Best-of-16 on GSM8K, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16|--methods best_of_n,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16 --title 'GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
@@ -76,8 +84,10 @@ STAGES=(
   "frontier-w16-64|--methods rebase,ets:lambda_c=4,ets:lambda_s=0 --widths 16 --limit 64 --out $OUT/frontier-vllm-qwen-gsm8k-w16-64 --title 'ETS frontier carried to 64 problems: lambda_c 4 and lambda_s 0 beside REBASE, GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-beam-dvts|--methods beam,dvts,rebase,ets --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-beam-dvts --title 'GSM8K W=16, beam search and DVTS beside REBASE and ETS, $MODEL, T=0.8, 512 tokens'"
   "math500-w16|--dataset math500 --methods rebase,ets,ets:lambda_c=2,best_of_n,dvts,beam --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16 --title 'MATH500 W=16, $MODEL, T=0.8, 512 tokens'"
+  "math500-w16-baselines|--dataset math500 --methods best_of_n,dvts,beam --widths 16 --limit 100 --out $OUT/record-vllm-qwen-math500-w16-baselines --title 'MATH500 W=16, best-of-16, DVTS and beam search (paired with the record by pair_results.py), $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w64|--methods rebase,ets --widths 64 --limit 50 --out $OUT/record-vllm-qwen-gsm8k-w64 --title 'GSM8K W=64, $MODEL, T=0.8, 512 tokens'"
   "gsm8k-w16-lc2|--methods rebase,ets,ets:lambda_c=2 --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-lambda-c2 --title 'GSM8K W=16, ETS at lambda_c 2 beside the record, $MODEL, T=0.8, 512 tokens'"
+  "learned-prm-train|train-prm --dataset gsm8k-train --limit 1000 --samples 4 --features stats --runs-dir $RUNS/prm --out $OUT/learned-prm-stats-1000/learned-stats-qwen2.5-coder-0.5b-t08-1000.npz"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm default,learned:benchmarks/results/learned-prm-stats/learned-stats-qwen2.5-coder-0.5b-t08.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm --title 'GSM8K W=16, the default PRM and the learned statistics PRM (issue 14), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-$MB_TOKENS --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a $MB_TOKENS-token KV cache ($MB_BLOCKS blocks), T=0.8, 512 tokens'"
@@ -93,6 +103,20 @@ print(int(cap) if cap else "")
 PY
 }
 
+command_of() {  # a stage's arguments -> cmd=(SUBCOMMAND COMMON... ARGS...), common=(the COMMON it takes)
+  local i
+  if [ "$1" = train-prm ]; then
+    common=()
+    for ((i = 0; i < ${#COMMON[@]}; i++)); do  # train-prm samples best-of-N: no --schedule
+      if [ "${COMMON[i]}" = --schedule ]; then i=$((i + 1)); else common+=("${COMMON[i]}"); fi
+    done
+    cmd=(train-prm "${common[@]}" "${@:2}")
+  else
+    common=("${COMMON[@]}")
+    cmd=(compare "${COMMON[@]}" "$@")
+  fi
+}
+
 deadline_left() {  # seconds until UNTIL (HH:MM UTC, today or tomorrow); empty when UNTIL is unset
   [ -n "${UNTIL:-}" ] || return 0
   local now end
@@ -103,7 +127,11 @@ deadline_left() {  # seconds until UNTIL (HH:MM UTC, today or tomorrow); empty w
 }
 
 if [ "${1:-}" = "--list" ]; then
-  for s in "${STAGES[@]}"; do echo "${s%%|*}: $ETS compare $(printf '%q ' "${COMMON[@]}")${s#*|}"; done
+  for s in "${STAGES[@]}"; do
+    eval "args=(${s#*|})"; command_of "${args[@]}"
+    rest="${s#*|}"; [ "${cmd[0]}" = compare ] || rest="${rest#"${cmd[0]} "}"
+    echo "${s%%|*}: $ETS ${cmd[0]} $(printf '%q ' "${common[@]}")$rest"
+  done
   exit 0
 fi
 
@@ -127,13 +155,13 @@ for s in "${STAGES[@]}"; do
     exit 0
   fi
   echo "[campaign] $(date -u +%H:%M) stage $name" >&2
-  eval "args=(${s#*|})"
+  eval "args=(${s#*|})"; command_of "${args[@]}"
   if [ -n "$left" ]; then
     admit=$(date -u -d "@$(( $(date -u +%s) + left - DRAIN * 60 ))" +%Y-%m-%dT%H:%M)
     # SIGINT: ets compare stops like on Ctrl-C (finished problems are on disk); rc 124 = time is up
-    timeout --signal=INT --kill-after=60 "$left" "$ETS" compare "${COMMON[@]}" "${args[@]}" --admit-until "$admit" || {
+    timeout --signal=INT --kill-after=60 "$left" "$ETS" "${cmd[@]}" --admit-until "$admit" || {
       rc=$?; [ $rc -eq 124 ] && { echo "[campaign] UNTIL=$UNTIL reached during $name" >&2; exit 0; }; exit $rc; }
   else
-    "$ETS" compare "${COMMON[@]}" "${args[@]}"
+    "$ETS" "${cmd[@]}"
   fi
 done

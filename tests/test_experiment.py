@@ -351,8 +351,9 @@ def test_compare_over_prms_runs_each_config_under_its_own_prm_and_pairs_them(tmp
 
 
 def test_every_campaign_stage_is_a_valid_compare_command():
-    """benchmarks/campaign.sh --list prints each stage's `ets compare`: each parses with the CLI's
-    own parser and its methods as specs, so a typo in a stage fails here, not hours into a session."""
+    """benchmarks/campaign.sh --list prints each stage's `ets compare` (or `ets train-prm`): each
+    parses with the CLI's own parser and its methods as specs, so a typo in a stage fails here, not
+    hours into a session."""
     import shlex
     import subprocess
     from pathlib import Path
@@ -361,12 +362,17 @@ def test_every_campaign_stage_is_a_valid_compare_command():
     out = subprocess.run(["bash", str(root / "benchmarks" / "campaign.sh"), "--list"], capture_output=True,
                          text=True, check=True, env={"PATH": "/usr/bin:/bin", "ETS": "ets"}).stdout
     stages = dict(line.split(": ", 1) for line in out.splitlines())
-    assert {"bon16", "gsm8k-w16", "frontier-w16", "gsm8k-w16-lc2", "learned-prm-w16", "memory-bound"} <= set(stages)
+    assert {"bon16", "gsm8k-w16", "frontier-w16", "gsm8k-w16-lc2", "learned-prm-w16", "memory-bound",
+            "math500-w16-baselines", "learned-prm-train"} <= set(stages)
     for name, command in stages.items():
         argv = shlex.split(command)
-        assert argv[:2] == ["ets", "compare"], name
         a = cli.build_parser().parse_args(argv[1:])
         assert a.limit and a.out and a.temperature == 0.8 and a.max_tokens == 512, name
+        if argv[1] == "train-prm":  # sampling like every compare stage, on training problems only
+            assert a.dataset == "gsm8k-train" and a.features == "stats" and a.out.endswith(".npz"), name
+            assert "--schedule" not in argv, name
+            continue
+        assert argv[:2] == ["ets", "compare"], name
         for spec in a.methods:
             parse_method(spec)
         for prm in a.prm.split(","):
