@@ -11,9 +11,9 @@ of the out-of-fold scores.
 Sets: stats-v1 (the 13 statistics of the first files), stats-read1 (all statistics, numbers read
 as features version 1 did, by hand), stats (all statistics, the current version), full (the
 embedding as well; loads --embedder, slow on CPU); stats-split: the statistics, with one head
-for prefixes that state a final answer and one for the rest (an experiment: the file format has
-one head). A held-out split of one fifth of 128 problems is noisy (33 problems); the folds use
-every problem once as held out.
+for prefixes that state a final answer and one for the rest (`ets train-prm --features stats-split`).
+A held-out split of one fifth of 128 problems is noisy (33 problems); the folds use every problem
+once as held out.
 
 --test RUN_DIR: each set's heads fitted on every rollout, then judged on the saved trees of
 another run (best-of-N on test problems) as benchmarks/learned_prm_eval.py judges a file: final-step
@@ -35,28 +35,16 @@ from ets.tasks import Task
 
 V = learned.FEATURES_VERSION
 SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1, V), "stats-read1": ("stats", learned.STAT_NAMES, 1),
-        "stats": ("stats", learned.STAT_NAMES, V), "stats-split": ("stats", learned.STAT_NAMES, V),
+        "stats": ("stats", learned.STAT_NAMES, V), "stats-split": ("stats-split", learned.STAT_NAMES, V),
         "full": ("full", learned.STAT_NAMES, V)}
-SPLIT_ON = learned.STAT_NAMES.index("final_answer")  # stats-split: one head per value of this column
 
 
-def head_rows(name, x):
-    """The rows each of the set's heads is fitted on or scores: every row, or for stats-split the
-    answered prefixes and the open ones."""
-    if name != "stats-split":
-        return [np.ones(len(x), bool)]
-    answered = x[:, SPLIT_ON] > 0.5
-    return [answered, ~answered]
-
-
-def fit_predict(name, x_fit, y_fit, x_new, l2):
-    """Scores of x_new by the set's head(s) fitted on (x_fit, y_fit)."""
-    out = np.zeros(len(x_new))
-    for fit_rows, new_rows in zip(head_rows(name, x_fit), head_rows(name, x_new)):
-        if new_rows.any():
-            w, b, mean, scale, _ = train.fit_logistic(x_fit[fit_rows], y_fit[fit_rows], l2)
-            out[new_rows] = train._predict(x_new[new_rows], w, b, mean, scale)
-    return out
+def fit_predict(features, x_fit, y_fit, x_new, l2):
+    """Scores of x_new by the feature set's head(s) fitted on (x_fit, y_fit), as `ets train-prm` fits them
+    (ets.prm.train.fit_heads) with L2 weight l2."""
+    w, b, mean, scale, _ = train.fit_heads(x_fit, y_fit, y_fit, [""] * len(y_fit), features.head_of(x_fit),
+                                           features.heads, [l2])
+    return learned.score_rows(x_new, features.head_of(x_new), w, b, mean, scale)
 
 
 def fold_of(problem_id: str, folds: int) -> int:
@@ -104,10 +92,10 @@ def main() -> int:
         x = features.rows(ex.question, ex.prefix)
         pred = np.zeros(len(y))
         for k in range(a.folds):
-            pred[fold == k] = fit_predict(name, x[fold != k], y[fold != k], x[fold == k], a.l2)
+            pred[fold == k] = fit_predict(features, x[fold != k], y[fold != k], x[fold == k], a.l2)
         report(f"learned, {name} ({x.shape[1]})", pred)
         if test_ex is not None:
-            scores = fit_predict(name, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
+            scores = fit_predict(features, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
             w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "

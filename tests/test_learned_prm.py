@@ -250,6 +250,74 @@ def test_version_2_reads_numbers_as_the_grader_does_and_version_1_files_keep_the
         learned.Features("hash", feature_set="stats", version=3)
 
 
+def test_stats_split_fits_two_heads_and_scores_each_row_by_its_own(toy, tmp_path, planted, capsys):
+    """--features stats-split: one head for answered prefixes (final_answer set), one for open ones;
+    a row is scored by its own head's weights, and the held-out figures are those of the file."""
+    rc, out = _train(toy, tmp_path, "--features", "stats-split", "--json")
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads(capsys.readouterr().out)
+    arrays, saved = learned.load(out)
+    d = len(learned.STAT_NAMES)
+    assert arrays["weight"].shape == arrays["mean"].shape == (2, d) and arrays["bias"].shape == (2,)
+    assert [h["scores"] for h in saved["fit"]["heads"]] == ["open prefixes", "answered prefixes"]
+    assert all(h["rows"] > 0 and h["converged"] for h in saved["fit"]["heads"])
+    assert saved["heldout"]["auroc_final"] > 0.9  # the plan is in the answered prefix's path statistics too
+    prm = learned.LearnedPRM(out, policy=PlantedPolicy())
+    assert prm.features.heads == 2
+    steps = [("Plan: careful work on it\n\n", [-0.2] * 6), ("Compute 6 times 7\n\n", [-0.1] * 5),
+             ("So the answer is \\boxed{42}", [-0.3] * 7)]
+    rows = prm.features.rows(["q 1"] * 3, [steps[:1], steps[:2], steps])
+    assert prm.features.head_of(rows).tolist() == [0, 0, 1]
+
+    def by_head(h, row):
+        w, b, m, s = arrays["weight"][h], arrays["bias"][h], arrays["mean"][h], arrays["scale"][h]
+        return float(learned.sigmoid(((row - m) / s) @ w + b))
+
+    got = prm.predict(rows)
+    assert list(got) == pytest.approx([by_head(0, rows[0]), by_head(0, rows[1]), by_head(1, rows[2])])
+    assert got[2] != pytest.approx(by_head(0, rows[2]))  # the open head would score it otherwise
+    [d_] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    w = train.evaluate_run(out, d_, ids=meta["heldout"]["ids"])
+    assert w["auroc_final"] == pytest.approx(meta["heldout"]["auroc_final"])
+
+
+def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_path, planted, capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    assert _train(toy, tmp_path, "--features", "stats")[0] == 0
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    capsys.readouterr()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats,stats-split", "--folds", "3",
+                                      "--l2", "0.01", "--test", str(d)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = {line.split("(")[0].strip(): line for line in out.splitlines() if line.strip().startswith("learned,")}
+    assert set(rows) == {"learned, stats", "learned, stats-split"}
+    for line in rows.values():  # the planted plan is readable out of fold by one head or two
+        assert float(line.split("final-step AUROC ")[1].split()[0]) > 0.85
+    assert out.count(f"on {d} (30 problems") == 2
+
+
+def test_a_file_whose_heads_do_not_match_its_feature_set_is_refused(tmp_path):
+    d = len(learned.STAT_NAMES)
+    meta = {"policy": "mock", "features": {"version": learned.FEATURES_VERSION, "set": "stats",
+                                           "stats": list(learned.STAT_NAMES)}}
+    learned.save(tmp_path / "two.npz", np.zeros((2, d)), [0.0, 0.0], np.zeros((2, d)), np.ones((2, d)), meta)
+    learned.load(tmp_path / "two.npz")  # well-formed arrays...
+    with pytest.raises(ValueError, match="2 head"):  # ...but a one-head feature set
+        learned.LearnedPRM(tmp_path / "two.npz")
+    learned.save(tmp_path / "bad.npz", np.zeros((2, d)), [0.0], np.zeros((2, d)), np.ones((2, d)), meta)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        learned.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="final_answer"):
+        learned.Features("hash", feature_set="stats-split", stats=["last_lp_mean"])
+
+
 def test_a_file_keeps_the_statistics_it_was_fitted_on():
     """Files list their statistics by name: one made before STAT_NAMES_ANSWER existed (no "stats"
     key, or the 13 V1 names) gets its 13 columns back; a name this ets does not know is refused."""

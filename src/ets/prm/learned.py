@@ -17,12 +17,16 @@ Features of a prefix (question q, steps 1..i), FEATURES_VERSION 2, by feature se
     "stats": the statistics only (21 columns, no embedder loaded): what the default PRM looks at
       and a few plain facts about the answer, weighted by a fit instead of by hand; too few
       columns to memorise a few hundred problems.
+    "stats-split": the same columns, two heads: one for the prefixes that state a final answer
+      (column SPLIT_ON set), one for the open ones. In one head the answered prefixes (the
+      final step, what a vote reads) are outnumbered about six to one by open ones.
 Version 2 reads numbers (the final answer, the question's numbers, a statement's result) through
 the grader's normalisation (ets.tasks.grading.normalize_number: "18 dollars" -> 18, "1,234.00" ->
 1234, "\\frac{3}{4}" -> 3/4); version 1 stripped commas and dollar signs by hand. A file records its
 version and is scored with the features it was fitted on.
 
-The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] and `meta`, a JSON
+The file: ONE .npz holding `weight` [D], `bias` [1], `mean` [D], `scale` [D] (a file of H > 1 heads:
+`weight`, `mean`, `scale` [H, D], `bias` [H]; a row is scored by head Features.head_of(row)) and `meta`, a JSON
 string: {"format", "kind", "policy" (policy_identity of the policy it was trained on),
 "features" {"version", "set", "embedder", "embedder_name", "tail_chars", "stats" (the statistics' names, in
 column order), "dim"} (a file without "set" is "full"; without "stats", STAT_NAMES_V1), "labels",
@@ -61,6 +65,7 @@ STAT_NAMES_V1 = ("last_lp_mean", "last_lp_min", "last_lp_std", "last_tokens_log"
 STAT_NAMES_ANSWER = ("question_numbers_used", "answer_integer", "answer_not_integer", "answer_negative",
                      "answer_log_magnitude", "answer_in_question", "answer_computed", "repeated_lines")
 STAT_NAMES = STAT_NAMES_V1 + STAT_NAMES_ANSWER  # what new files are fitted on
+SPLIT_ON = "final_answer"  # "stats-split": head 1 scores the rows with this statistic set, head 0 the rest
 
 
 class PolicyMismatch(ValueError):
@@ -173,10 +178,23 @@ class Features:
         unknown = [n for n in stats if n not in STAT_NAMES]
         if unknown:
             raise ValueError(f"unknown statistics {unknown} (made by a newer ets?); this one computes {STAT_NAMES}")
+        if feature_set == "stats-split" and SPLIT_ON not in stats:
+            raise ValueError(f"the stats-split feature set needs the statistic {SPLIT_ON!r} to split on")
         self.embedder_key, self.tail_chars, self.feature_set = embedder, tail_chars, feature_set
         self.stats, self.version = tuple(stats), version
         self.embedder = make_embedder(embedder) if feature_set == "full" else None
         self._questions: dict[str, np.ndarray] = {}
+
+    @property
+    def heads(self) -> int:
+        """How many heads a file of this feature set has."""
+        return 2 if self.feature_set == "stats-split" else 1
+
+    def head_of(self, x: np.ndarray) -> np.ndarray:
+        """[N] int: the head that scores each feature row of x [N, D] (0 for a one-head set)."""
+        if self.heads == 1:
+            return np.zeros(len(x), np.int64)
+        return (x[:, self.stats.index(SPLIT_ON)] > 0.5).astype(np.int64)
 
     def describe(self) -> dict:
         out = {"version": self.version, "set": self.feature_set, "stats": list(self.stats)}
@@ -227,8 +245,19 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))  # stable for any z
 
 
-def save(path: str | Path, weight, bias: float, mean, scale, meta: dict) -> Path:
-    """Write the one-file PRM (atomically: a reader sees the old file or the whole new one)."""
+def score_rows(x, head, weight, bias, mean, scale) -> np.ndarray:
+    """sigmoid(((x - mean) / scale) . weight + bias) row by row, with row n's head's parameters:
+    x [N, D], head [N] ints; weight, mean, scale [D] (one head) or [H, D]; bias [1] or [H]."""
+    weight, mean, scale = (np.atleast_2d(np.asarray(a, np.float64)) for a in (weight, mean, scale))
+    bias = np.asarray(bias, np.float64).reshape(-1)
+    head = np.asarray(head, np.int64)
+    z = (((np.asarray(x, np.float64) - mean[head]) / scale[head]) * weight[head]).sum(1) + bias[head]
+    return sigmoid(z)
+
+
+def save(path: str | Path, weight, bias, mean, scale, meta: dict) -> Path:
+    """Write the one-file PRM (atomically: a reader sees the old file or the whole new one); bias:
+    a number (one head) or one per head."""
     import os
     import tempfile
 
@@ -238,7 +267,7 @@ def save(path: str | Path, weight, bias: float, mean, scale, meta: dict) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
     os.close(fd)
     try:
-        np.savez(tmp, weight=np.asarray(weight, np.float64), bias=np.array([bias], np.float64),
+        np.savez(tmp, weight=np.asarray(weight, np.float64), bias=np.asarray(bias, np.float64).reshape(-1),
                  mean=np.asarray(mean, np.float64), scale=np.asarray(scale, np.float64),
                  meta=np.array(json.dumps(meta, default=float)))
         os.replace(tmp, path)
@@ -266,9 +295,11 @@ def load(path: str | Path) -> tuple[dict, dict]:
     if meta.get("features", {}).get("version") not in FEATURES_VERSIONS:
         raise ValueError(f"{path} uses features version {meta.get('features', {}).get('version')}; this ets "
                          f"computes versions {FEATURES_VERSIONS}: retrain it with `ets train-prm`")
-    d = len(arrays["weight"])
-    if arrays["mean"].shape != (d,) or arrays["scale"].shape != (d,) or arrays["bias"].shape != (1,):
-        raise ValueError(f"{path}: array shapes do not match (weight {d})")
+    w = arrays["weight"]
+    heads = 1 if w.ndim == 1 else w.shape[0]
+    if w.ndim not in (1, 2) or arrays["mean"].shape != w.shape or arrays["scale"].shape != w.shape \
+            or arrays["bias"].shape != (heads,):
+        raise ValueError(f"{path}: array shapes do not match (weight {w.shape}, bias {arrays['bias'].shape})")
     return arrays, meta
 
 
@@ -287,7 +318,7 @@ class LearnedPRM(RewardModel):
     def __init__(self, path: str | Path, policy=None, any_policy: bool = False):
         self.path = Path(path)
         arrays, self.meta = load(self.path)
-        self.weight, self.bias = arrays["weight"], float(arrays["bias"][0])
+        self.weight, self.bias = arrays["weight"], arrays["bias"]
         self.mean, self.scale = arrays["mean"], arrays["scale"]
         trained_for = self.meta.get("policy")
         if policy is not None and not any_policy:
@@ -299,6 +330,9 @@ class LearnedPRM(RewardModel):
                     f"learned:{self.path}?any_policy=1 to use it anyway")
         f = self.meta["features"]
         self.features = Features.from_meta(f)
+        if len(self.bias) != self.features.heads:
+            raise ValueError(f"{self.path} holds {len(self.bias)} head(s), its feature set {self.features.feature_set!r} "
+                             f"has {self.features.heads}")
         if self.features.embedder is not None and \
                 self.features.embedder.name != f.get("embedder_name", self.features.embedder.name):
             raise ValueError(f"{self.path} was made with embedder {f['embedder_name']!r}, this one is "
@@ -310,9 +344,9 @@ class LearnedPRM(RewardModel):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Scores of feature rows [N, D] (from Features.rows)."""
-        if x.shape[1] != len(self.weight):
-            raise PRMError(f"{self.path}: feature rows have {x.shape[1]} columns, the file {len(self.weight)}")
-        return sigmoid(((x - self.mean) / self.scale) @ self.weight + self.bias)
+        if x.shape[1] != self.weight.shape[-1]:
+            raise PRMError(f"{self.path}: feature rows have {x.shape[1]} columns, the file {self.weight.shape[-1]}")
+        return score_rows(x, self.features.head_of(x), self.weight, self.bias, self.mean, self.scale)
 
     def _compute(self, questions: list[str], nodes: list) -> list[float]:
         prefixes = [[(n.text, n.logprobs) for n in node.path()] for node in nodes]

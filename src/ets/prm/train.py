@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 LABELS = ("outcome", "mc-soft", "mc-hard")
-FEATURE_SETS = ("full", "stats")  # ets.prm.learned.Features; here so that the CLI need not import numpy
+FEATURE_SETS = ("full", "stats", "stats-split")  # ets.prm.learned.Features; here so that the CLI need not import numpy
 DEFAULT_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
 POLICY_IDENTITY_FILE = "policy_identity.txt"  # in the rollout run directory
 
@@ -50,7 +50,8 @@ def add_arguments(p) -> None:
     g.add_argument("--mc-k", type=int, default=4, help="completions per prefix for mc-* labels (default 4)")
     g.add_argument("--features", choices=FEATURE_SETS, default="full",
                    help="full: embeddings (--embedder) of the question and prefix plus log-prob and arithmetic "
-                        "statistics (default); stats: the statistics only (21 columns, no embedder)")
+                        "statistics (default); stats: the statistics only (21 columns, no embedder); stats-split: "
+                        "the statistics, one head for prefixes that state a final answer and one for the rest")
     g.add_argument("--holdout", type=float, default=0.2, help="share of problems held out, by problem (default 0.2)")
     g.add_argument("--l2", default=",".join(map(str, DEFAULT_L2)),
                    help="L2 weights tried (comma list; the best on a validation split of the training problems wins)")
@@ -282,6 +283,31 @@ def _predict(x, w, b, mean, scale):
     return sigmoid(((x - mean) / scale) @ w + b)
 
 
+def fit_heads(x, y, outcome, problems, head, heads: int, grid, seed: int = 0):
+    """One L2 logistic head per head index: head h is fitted (its L2 weight chosen by choose_l2) on
+    the rows with head[n] == h. Returns (weight, bias, mean, scale, infos) in the file's layout
+    (ets.prm.learned.save: [D] and [1] for one head, [H, D] and [H] for more) and one info dict per
+    head; ValueError naming the head when its rows are absent or of one label."""
+    import numpy as np
+
+    problems = np.asarray(problems)
+    params, infos = [], []
+    for h in range(heads):
+        rows = head == h
+        if len(set(y[rows] >= 0.5)) < 2:
+            raise ValueError(f"head {h} of {heads} has {int(rows.sum())} training prefixes, not both right and wrong "
+                             "ones: use more problems (--limit) or a one-head feature set")
+        alpha, tried = choose_l2(x[rows], y[rows], outcome[rows], list(problems[rows]), grid, seed)
+        w, b, mean, scale, info = fit_logistic(x[rows], y[rows], alpha)
+        params.append((w, b, mean, scale))
+        infos.append({"rows": int(rows.sum()), "l2": alpha, "l2_tried": tried, **info})
+    if heads == 1:
+        w, b, mean, scale = params[0]
+        return w, np.array([b]), mean, scale, infos
+    return (np.stack([p[0] for p in params]), np.array([p[1] for p in params]), np.stack([p[2] for p in params]),
+            np.stack([p[3] for p in params]), infos)
+
+
 def choose_l2(x, y, outcome, problems, grid, seed: int = 0):
     """The L2 weight of `grid` with the best prefix AUROC (against `outcome` >= 0.5) on a
     validation split (a fifth of the problems, by hash); the middle of the grid when that split
@@ -383,10 +409,11 @@ def train_from_run(run, problem_ids, out, policy: str, embedder: str = "minilm",
     features_s = time.perf_counter() - t_feat
     t_fit = time.perf_counter()
     train_problems = [p for p, h in zip(ex.problem, held) if not h]
-    alpha, tried = choose_l2(x[~held], y[~held], outcome[~held], train_problems, list(l2), seed)
-    w, b, mean, scale, info = fit_logistic(x[~held], y[~held], alpha)
+    head = features.head_of(x)
+    w, b, mean, scale, heads = fit_heads(x[~held], y[~held], outcome[~held], train_problems, head[~held],
+                                         features.heads, list(l2), seed)
     fit_s = time.perf_counter() - t_fit
-    scores = _predict(x, w, b, mean, scale)
+    scores = learned.score_rows(x, head, w, b, mean, scale)
     sessions = run.sessions()
     meta = {
         "format": learned.FORMAT, "kind": learned.KIND, "policy": policy,
@@ -397,8 +424,9 @@ def train_from_run(run, problem_ids, out, policy: str, embedder: str = "minilm",
                    "share of mc_k completions from this prefix that reach the gold answer" if labels == "mc-soft"
                    else "whether any of mc_k completions from this prefix reaches the gold answer"},
         "features": {**features.describe(), "dim": int(x.shape[1])},
-        "fit": {"model": "logistic regression, L2, standardised features (scipy L-BFGS)", "l2": alpha,
-                "l2_tried": tried, **info},
+        "fit": {"model": "logistic regression, L2, standardised features (scipy L-BFGS)",
+                **({k: v for k, v in heads[0].items() if k != "rows"} if len(heads) == 1 else
+                   {"heads": [{"scores": s, **h} for s, h in zip(("open prefixes", "answered prefixes"), heads)]})},
         "heldout": {"share": holdout, "split": f"blake2b('heldout/{seed}/<problem id>') < share",
                     **heldout_figures(ex, scores, held, task),
                     "ids": sorted({p for p, h in zip(ex.problem, held) if h})},
