@@ -495,3 +495,38 @@ def test_train_prm_fits_nothing_while_rollouts_wait_for_admission(toy, tmp_path,
     rc, out = _train(toy, tmp_path, "--admit-until", "2020-01-01T00:00")
     assert rc == 0 and not out.exists()
     assert "not started (--admit-until)" in capsys.readouterr().err
+
+
+def test_a_packed_run_unpacks_into_the_same_run_and_resumes(toy, tmp_path, planted, capsys):
+    """benchmarks/pack_run.py: the archive unpacked under the runs directory is the same run (same
+    name, every problem), log-probs rounded, no claims; a rerun samples nothing and fits alike."""
+    import importlib.util
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "pack_run", Path(__file__).resolve().parents[1] / "benchmarks" / "pack_run.py")
+    pack_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_run)
+    rc, out = _train(toy, tmp_path, "--features", "stats", "--json")
+    assert rc == 0
+    before = json.loads(capsys.readouterr().out)["heldout"]
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    (d / "claims").mkdir(exist_ok=True)
+    (d / "claims" / "x.json").write_text("{}")
+    archive = tmp_path / "kept" / "rollouts.tar.xz"
+    assert pack_run.pack(d, archive) == 30
+    names = tarfile.open(archive).getnames()
+    assert f"{d.name}/config.json" in names and not any("claims" in n for n in names)
+    originals = {r["id"]: r for r in RunDir(d).iter_problems()}
+    shutil.rmtree(tmp_path / "runs")
+    tarfile.open(archive).extractall(tmp_path / "runs")
+    back = {r["id"]: r for r in RunDir(d).iter_problems()}
+    assert back.keys() == originals.keys()
+    node = next(n for r in back.values() for n in r["tree"]["nodes"] if n.get("logprobs"))
+    assert all(x == round(x, 4) for x in node["logprobs"])
+    rc, out = _train(toy, tmp_path, "--features", "stats", "--json")
+    assert rc == 0 and RunDir(d).sessions()[-1]["computed"] == 0  # nothing sampled again
+    after = json.loads(capsys.readouterr().out)["heldout"]
+    assert after["ids"] == before["ids"] and after["auroc_final"] == pytest.approx(before["auroc_final"], abs=0.02)
