@@ -11,7 +11,9 @@ of the out-of-fold scores.
 Sets: stats-v1 (the 13 statistics of the first files), stats-read1 (all statistics, numbers read
 as features version 1 did, by hand), stats (all statistics, the current version), full (the
 embedding as well; loads --embedder, slow on CPU); stats-split: the statistics, with one head
-for prefixes that state a final answer and one for the rest (`ets train-prm --features stats-split`).
+for prefixes that state a final answer and one for the rest (`ets train-prm --features stats-split`);
+stats-split-within: stats-split with the answered head fitted on contrasts within a problem (an
+experiment, see within_head; train-prm does not make it).
 A held-out split of one fifth of 128 problems is noisy (33 problems); the folds use every problem
 once as held out.
 
@@ -36,7 +38,8 @@ from ets.tasks import Task
 V = learned.FEATURES_VERSION
 SETS = {"stats-v1": ("stats", learned.STAT_NAMES_V1, V), "stats-read1": ("stats", learned.STAT_NAMES, 1),
         "stats": ("stats", learned.STAT_NAMES, V), "stats-split": ("stats-split", learned.STAT_NAMES, V),
-        "full": ("full", learned.STAT_NAMES, V)}
+        "full": ("full", learned.STAT_NAMES, V), "stats-split-within": ("stats-split", learned.STAT_NAMES, V)}
+WITHIN = {"stats-split-within"}  # the answered head fitted on contrasts within a problem (within_head)
 
 
 def fit_predict(features, x_fit, y_fit, x_new, l2):
@@ -45,6 +48,31 @@ def fit_predict(features, x_fit, y_fit, x_new, l2):
     w, b, mean, scale, _ = train.fit_heads(x_fit, y_fit, y_fit, [""] * len(y_fit), features.head_of(x_fit),
                                            features.heads, [l2])
     return learned.score_rows(x_new, features.head_of(x_new), w, b, mean, scale)
+
+
+def within_head(x, y, problems, l2):
+    """An answered-prefix head fitted on what tells one problem's solutions apart: the weights by
+    logistic regression on the rows less their problem's mean row (so a column that only says how
+    hard the problem is gets no weight), then a slope and bias on the uncentred scores (Platt
+    scaling), so that the score needs no other solution at scoring time. Returns score(x_new)."""
+    problems = np.asarray(problems)
+    centred = x.astype(np.float64).copy()
+    for pid in np.unique(problems):
+        rows = problems == pid
+        centred[rows] -= centred[rows].mean(0)
+    w, _, mean, scale, _ = train.fit_logistic(centred, y, l2)
+    raw = lambda v: (((v - x.mean(0)) / scale) @ w)[:, None]  # noqa: E731
+    a, b, m, sc, _ = train.fit_logistic(raw(x), y, 1e-6)
+    return lambda v: learned.sigmoid(((raw(v) - m) / sc) @ a + b)
+
+
+def fit_predict_within(features, x_fit, y_fit, problems_fit, x_new, l2):
+    """fit_predict with the answered head replaced by within_head (open prefixes: as train-prm fits)."""
+    out = fit_predict(features, x_fit, y_fit, x_new, l2)
+    fit_rows, new_rows = features.head_of(x_fit) == 1, features.head_of(x_new) == 1
+    if new_rows.any():
+        out[new_rows] = within_head(x_fit[fit_rows], y_fit[fit_rows], np.asarray(problems_fit)[fit_rows], l2)(x_new[new_rows])
+    return out
 
 
 def fold_of(problem_id: str, folds: int) -> int:
@@ -91,11 +119,18 @@ def main() -> int:
         features = learned.Features(a.embedder, feature_set=feature_set, stats=stats, version=version)
         x = features.rows(ex.question, ex.prefix)
         pred = np.zeros(len(y))
+        problem = np.array(ex.problem)
         for k in range(a.folds):
-            pred[fold == k] = fit_predict(features, x[fold != k], y[fold != k], x[fold == k], a.l2)
+            if name in WITHIN:
+                pred[fold == k] = fit_predict_within(features, x[fold != k], y[fold != k], problem[fold != k],
+                                                     x[fold == k], a.l2)
+            else:
+                pred[fold == k] = fit_predict(features, x[fold != k], y[fold != k], x[fold == k], a.l2)
         report(f"learned, {name} ({x.shape[1]})", pred)
         if test_ex is not None:
-            scores = fit_predict(features, x, y, features.rows(test_ex.question, test_ex.prefix), a.l2)
+            x_test = features.rows(test_ex.question, test_ex.prefix)
+            scores = (fit_predict_within(features, x, y, problem, x_test, a.l2) if name in WITHIN
+                      else fit_predict(features, x, y, x_test, a.l2))
             w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
