@@ -108,7 +108,8 @@ def main() -> int:
         print(f"  {name:24s} final-step AUROC {auroc(list(scores[final]), list(right[final])):.3f} pooled, "
               f"{f(w['auroc_final_within'])} within ({w['problems_mixed']} mixed problems); "
               f"per fold {' '.join(f(v) for v in per)}; weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
-              f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}")
+              f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}; weighted - majority "
+              "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"])))
 
     if None not in ex.rollout_score:
         report(f"rollouts' PRM ({records[0].get('prm', '?')})", np.array(ex.rollout_score, float))

@@ -29,7 +29,8 @@ def main() -> int:
               f"  AUROC final step {f(w['auroc_final'])} (within problems {f(w['auroc_final_within'])} over "
               f"{w['problems_mixed']}; the run's own PRM {f(w['auroc_final_rollout_prm'])}), all prefixes "
               f"{f(w['auroc_prefix'])}\n  accuracy: weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
-              f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}")
+              f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}\n  weighted - majority, paired: "
+              "{:+.1f} points [{:+.1f}, {:+.1f}] (95%)".format(*(100 * v for v in w["weighted_minus_majority"])))
     return 0
 
 

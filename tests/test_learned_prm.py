@@ -478,8 +478,11 @@ def test_evaluate_run_rescoring_saved_trees_matches_the_heldout_figures(toy, tmp
     h = json.loads(capsys.readouterr().out)["heldout"]
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     w = train.evaluate_run(out, d, ids=h["ids"])
-    for k in ("problems", "solutions", "auroc_final", "auroc_prefix", "acc_weighted", "acc_majority", "acc_oracle"):
+    for k in ("problems", "solutions", "auroc_final", "auroc_prefix", "acc_weighted", "acc_majority", "acc_oracle",
+              "weighted_minus_majority"):
         assert w[k] == pytest.approx(h[k]), k
+    diff, lo, hi = w["weighted_minus_majority"]
+    assert diff == pytest.approx(w["acc_weighted"] - w["acc_majority"]) and lo <= diff <= hi
 
 
 def test_policy_identity_is_the_model_name_embedded_or_served():

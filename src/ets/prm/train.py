@@ -343,6 +343,7 @@ def heldout_figures(ex: Examples, scores, mask, task) -> dict:
 
     from ets.answer import Solution, select_answer
     from ets.report.prm_worth import auroc
+    from ets.report.record import paired_interval
 
     idx = [i for i in range(len(ex.problem)) if mask[i]]
     fin = [i for i in idx if ex.final[i]]
@@ -361,15 +362,17 @@ def heldout_figures(ex: Examples, scores, mask, task) -> dict:
     out["auroc_final_within"] = float(np.mean(within)) if within else None
     out["problems_mixed"] = len(within)
     problems = sorted({ex.problem[i] for i in idx})
-    acc = {"weighted": 0, "best": 0, "majority": 0, "oracle": 0}
+    right_by = {"weighted": [], "best": [], "majority": [], "oracle": []}  # per problem, in `problems` order
     for p in problems:
         sols = [Solution(i, ex.answer[i], tuple(float(scores[j]) for j in ex.path[i])) for i in by_problem.get(p, [])]
         for vote in ("weighted", "best", "majority"):
             sel = select_answer(sols, vote, "last", task.same)
-            acc[vote] += bool(sel.answer is not None and task.grade(sel.answer, ex.gold[p]))
-        acc["oracle"] += any(ex.outcome[i] >= 0.5 for i in by_problem.get(p, []))
-    for k, v in acc.items():
-        out[f"acc_{k}"] = v / len(problems) if problems else None
+            right_by[vote].append(bool(sel.answer is not None and task.grade(sel.answer, ex.gold[p])))
+        right_by["oracle"].append(any(ex.outcome[i] >= 0.5 for i in by_problem.get(p, [])))
+    for k, v in right_by.items():
+        out[f"acc_{k}"] = sum(v) / len(problems) if problems else None
+    # the vote's gain over the majority on the same problems: (difference, 95% low, high)
+    out["weighted_minus_majority"] = list(paired_interval(right_by["weighted"], right_by["majority"]))
     return out
 
 
