@@ -60,15 +60,18 @@ def within_head(x, y, problems, l2):
     for pid in np.unique(problems):
         rows = problems == pid
         centred[rows] -= centred[rows].mean(0)
-    w, _, mean, scale, _ = train.fit_logistic(centred, y, l2)
+    w, _, _, scale, _ = train.fit_logistic(centred, y, l2)
     raw = lambda v: (((v - x.mean(0)) / scale) @ w)[:, None]  # noqa: E731
     a, b, m, sc, _ = train.fit_logistic(raw(x), y, 1e-6)
     return lambda v: learned.sigmoid(((raw(v) - m) / sc) @ a + b)
 
 
-def fit_predict_within(features, x_fit, y_fit, problems_fit, x_new, l2):
-    """fit_predict with the answered head replaced by within_head (open prefixes: as train-prm fits)."""
+def fit_predict_set(name, features, x_fit, y_fit, problems_fit, x_new, l2):
+    """Scores of x_new by set `name`: fit_predict, with the answered head replaced by within_head
+    for the sets in WITHIN (open prefixes: as train-prm fits them)."""
     out = fit_predict(features, x_fit, y_fit, x_new, l2)
+    if name not in WITHIN:
+        return out
     fit_rows, new_rows = features.head_of(x_fit) == 1, features.head_of(x_new) == 1
     if new_rows.any():
         out[new_rows] = within_head(x_fit[fit_rows], y_fit[fit_rows], np.asarray(problems_fit)[fit_rows], l2)(x_new[new_rows])
@@ -122,16 +125,12 @@ def main() -> int:
         pred = np.zeros(len(y))
         problem = np.array(ex.problem)
         for k in range(a.folds):
-            if name in WITHIN:
-                pred[fold == k] = fit_predict_within(features, x[fold != k], y[fold != k], problem[fold != k],
-                                                     x[fold == k], a.l2)
-            else:
-                pred[fold == k] = fit_predict(features, x[fold != k], y[fold != k], x[fold == k], a.l2)
+            pred[fold == k] = fit_predict_set(name, features, x[fold != k], y[fold != k], problem[fold != k],
+                                              x[fold == k], a.l2)
         report(f"learned, {name} ({x.shape[1]})", pred)
         if test_ex is not None:
             x_test = features.rows(test_ex.question, test_ex.prefix)
-            scores = (fit_predict_within(features, x, y, problem, x_test, a.l2) if name in WITHIN
-                      else fit_predict(features, x, y, x_test, a.l2))
+            scores = fit_predict_set(name, features, x, y, problem, x_test, a.l2)
             w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "

@@ -278,9 +278,12 @@ def fit_logistic(x, y, alpha: float, max_iter: int = 300):
 
 
 def _predict(x, w, b, mean, scale):
-    from ets.prm.learned import sigmoid
+    """One head's scores of x [N, D] (ets.prm.learned.score_rows, every row by head 0)."""
+    import numpy as np
 
-    return sigmoid(((x - mean) / scale) @ w + b)
+    from ets.prm.learned import score_rows
+
+    return score_rows(x, np.zeros(len(x), np.int64), w, b, mean, scale)
 
 
 def fit_heads(x, y, outcome, problems, head, heads: int, grid, seed: int = 0):
