@@ -1,17 +1,33 @@
 """Judge a learned PRM (`ets train-prm`) on the saved trees of a run, without generating:
 
-    python benchmarks/learned_prm_eval.py FILE.npz runs/best_of_n-w16-XXXXXXXX [--json]
+    python benchmarks/learned_prm_eval.py FILE.npz runs/best_of_n-w16-XXXXXXXX [--json] [--rows OUT.json]
 
 For a best-of-N run of test problems: AUROC of the final-step score against correctness (pooled,
 and within problems), and the accuracy of the PRM-weighted vote, the PRM's single best, the plain
 majority and any-correct (oracle), plus the AUROC of the PRM the run was made with. See
-ets.prm.train.evaluate_run."""
+ets.prm.train.evaluate_run. `--rows OUT.json` also writes each rule's per-problem outcomes as rows
+of a results.json (methods `weighted`, `best`, `majority`, `oracle`; KV = the run's tree KV), so
+benchmarks/pair_results.py can pair a search run with, say, the majority of these N samples:
+`pair_results.py --base OUT.json:majority results.json:rebase`."""
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ets.prm.train import evaluate_run
+from ets.runs import RunDir
+
+
+def selection_rows(w: dict, run_dir: str) -> dict:
+    """A results.json-shaped {"meta", "rows"}: one row per selection rule, its per-problem
+    outcomes with each problem's tree KV mean from the run's records."""
+    kv = {r["id"]: r["kv"]["kv_mean"] for r in RunDir(run_dir).iter_problems()}
+    pp = w["per_problem"]
+    rows = [{"method": rule, "prm": w["prm"] if rule in ("weighted", "best") else None,
+             "per_problem": [{"id": i, "correct": bool(c), "kv_mean": kv[i]} for i, c in zip(pp["ids"], pp[rule])]}
+            for rule in ("weighted", "best", "majority", "oracle")]
+    return {"meta": {"made_by": "benchmarks/learned_prm_eval.py", "prm": w["prm"], "run": w["run"]}, "rows": rows}
 
 
 def main() -> int:
@@ -19,8 +35,13 @@ def main() -> int:
     p.add_argument("prm_file")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rows", metavar="OUT.json", help="also write each selection rule's per-problem "
+                   "outcomes as results.json rows (for benchmarks/pair_results.py)")
     a = p.parse_args()
-    w = evaluate_run(a.prm_file, a.run_dir)
+    w = evaluate_run(a.prm_file, a.run_dir, per_problem=bool(a.rows))
+    if a.rows:
+        Path(a.rows).write_text(json.dumps(selection_rows(w, a.run_dir), indent=1) + "\n", encoding="utf-8")
+        del w["per_problem"]
     if a.json:
         print(json.dumps(w, indent=1))
     else:

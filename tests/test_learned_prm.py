@@ -485,6 +485,44 @@ def test_evaluate_run_rescoring_saved_trees_matches_the_heldout_figures(toy, tmp
     assert diff == pytest.approx(w["acc_weighted"] - w["acc_majority"]) and lo <= diff <= hi
 
 
+def test_eval_script_rows_pair_a_search_run_with_the_samples_majority(toy, tmp_path, planted, capsys, monkeypatch):
+    import runpy
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out = _train(toy, tmp_path, "--json")
+    capsys.readouterr()
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    w = train.evaluate_run(out, d, per_problem=True)
+    pp = w["per_problem"]
+    assert len(pp["ids"]) == w["problems"] and pp["ids"] == sorted(pp["ids"])
+    for rule in ("weighted", "best", "majority", "oracle"):
+        assert sum(pp[rule]) / len(pp["ids"]) == pytest.approx(w[f"acc_{rule}"]), rule
+    assert "per_problem" not in train.evaluate_run(out, d)
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    rows_file = tmp_path / "sel" / "results.json"
+    rows_file.parent.mkdir()
+    monkeypatch.setattr(sys, "argv", [str(bench / "learned_prm_eval.py"), str(out), str(d), "--rows", str(rows_file)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(bench / "learned_prm_eval.py"), run_name="__main__")
+    assert done.value.code == 0
+    saved = {r["method"]: r for r in json.loads(rows_file.read_text())["rows"]}
+    assert set(saved) == {"weighted", "best", "majority", "oracle"}
+    assert [p["correct"] for p in saved["majority"]["per_problem"]] == pp["majority"]
+    assert saved["weighted"]["prm"] == w["prm"] and saved["majority"]["prm"] is None
+    # the oracle is never below the majority: paired with it as base, the difference is >= 0
+    got = subprocess.run([sys.executable, str(bench / "pair_results.py"), "--base", f"{rows_file}:majority",
+                          f"{rows_file}:oracle"], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    line = next(l for l in got.stdout.splitlines() if l.startswith("| sel:oracle"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    n = len(pp["ids"])
+    assert cells[1] == str(n) and cells[3] == f"{sum(pp['majority'])}/{n}"
+    assert cells[2].startswith(f"{sum(pp['oracle'])}/{n}")
+
+
 def test_policy_identity_is_the_model_name_embedded_or_served():
     from types import SimpleNamespace
 

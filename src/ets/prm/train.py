@@ -337,11 +337,13 @@ def choose_l2(x, y, outcome, problems, grid, seed: int = 0):
 
 # -- held-out figures ----------------------------------------------------------------------------
 
-def heldout_figures(ex: Examples, scores, mask, task) -> dict:
+def heldout_figures(ex: Examples, scores, mask, task, per_problem: bool = False) -> dict:
     """Figures of `scores` (one per example) on the examples where `mask` is set: AUROC of the
     final-step score against correctness (also for the rollouts' own PRM), pooled over solutions
     and the mean within problems; AUROC over every prefix against its outcome; and best-of-N
-    accuracy of the weighted vote, the single best, the plain majority and any-correct."""
+    accuracy of the weighted vote, the single best, the plain majority and any-correct.
+    `per_problem` adds {"ids": [...], "weighted"|"best"|"majority"|"oracle": [bool, ...]} (each
+    rule's outcome per problem, in `ids` order) for pairing with other runs."""
     import numpy as np
 
     from ets.answer import Solution, select_answer
@@ -376,6 +378,8 @@ def heldout_figures(ex: Examples, scores, mask, task) -> dict:
         out[f"acc_{k}"] = sum(v) / len(problems) if problems else None
     # the vote's gain over the majority on the same problems: (difference, 95% low, high)
     out["weighted_minus_majority"] = list(paired_interval(right_by["weighted"], right_by["majority"]))
+    if per_problem:
+        out["per_problem"] = {"ids": problems, **right_by}
     return out
 
 
@@ -555,12 +559,13 @@ async def mc_completions(run, problems, task, policy, cfg, k: int, concurrency: 
 
 # -- judging a learned PRM on saved trees of other problems (no generation) ----------------------
 
-def evaluate_run(prm_path, run_dir, ids=None) -> dict:
+def evaluate_run(prm_path, run_dir, ids=None, per_problem: bool = False) -> dict:
     """heldout_figures of the learned PRM in `prm_path` on every saved problem of `run_dir` (or
     those in `ids`), rescoring the saved trees: for a best-of-N run of test problems (its samples
     do not depend on the PRM) this is the PRM's final-step AUROC and its weighted / best /
-    majority / any-correct accuracy, without generating anything. The policy check is the
-    caller's: the run's records name the policy by engine, not by model."""
+    majority / any-correct accuracy, without generating anything (`per_problem`: each rule's
+    outcome per problem too, see heldout_figures). The policy check is the caller's: the run's
+    records name the policy by engine, not by model."""
     import numpy as np
 
     from ets.prm.learned import LearnedPRM
@@ -575,4 +580,5 @@ def evaluate_run(prm_path, run_dir, ids=None) -> dict:
     task = Task.from_dict(records[0]["task"])
     ex = examples_from_records(records, task)
     scores = prm.predict(prm.features.rows(ex.question, ex.prefix))
-    return {"prm": prm.name, "run": str(run_dir), **heldout_figures(ex, scores, np.ones(len(scores), bool), task)}
+    return {"prm": prm.name, "run": str(run_dir),
+            **heldout_figures(ex, scores, np.ones(len(scores), bool), task, per_problem)}
