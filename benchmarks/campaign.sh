@@ -73,6 +73,8 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # finished ones.
 # learned-prm-w16 runs REBASE and ETS under the learned PRM only (two configs, ~2.5 h here): the default-PRM
 # arms are the record's (record-vllm-qwen-gsm8k-w16, same 100 problems), paired by benchmarks/pair_results.py.
+# math500-bon16: best-of-16 trees of MATH500 test problems, to judge the GSM8K-trained learned PRM on
+# another dataset (`python benchmarks/learned_prm_eval.py FILE runs/best_of_n-w16-XXXXXXXX`).
 # math500-w16 lists REBASE and ETS first: the pooled schedule runs a problem's configs in turn, so
 # a stage cut short by UNTIL leaves the last configs with the fewest problems (run it as
 # `--methods rebase,ets` first, then the rest, to be sure of the pair).
@@ -91,6 +93,7 @@ STAGES=(
   "gsm8k-w16-lc2|--methods rebase,ets,ets:lambda_c=2 --widths 16 --limit 100 --out $OUT/record-vllm-qwen-gsm8k-w16-lambda-c2 --title 'GSM8K W=16, ETS at lambda_c 2 beside the record, $MODEL, T=0.8, 512 tokens'"
   "learned-prm-train|train-prm --dataset gsm8k-train --limit 1000 --samples 4 --features stats --runs-dir $RUNS/prm --out $OUT/learned-prm-stats-1000/learned-stats-qwen2.5-coder-0.5b-t08-1000.npz"
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm learned:benchmarks/results/learned-prm-stats-1000/learned-stats-split-qwen2.5-coder-0.5b-t08-1000.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm-1000 --title 'GSM8K W=16, REBASE and ETS under the learned statistics PRM of 572 train problems (issue 14; paired with the record by pair_results.py), $MODEL, T=0.8, 512 tokens'"
+  "math500-bon16|--dataset math500 --methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-math500 --title 'Best-of-16 on MATH500 (issue 14: does the learned PRM carry over? learned_prm_eval.py on its trees), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-$MB_TOKENS --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a $MB_TOKENS-token KV cache ($MB_BLOCKS blocks), T=0.8, 512 tokens'"
 )
