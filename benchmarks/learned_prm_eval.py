@@ -16,17 +16,17 @@ import sys
 from pathlib import Path
 
 from ets.prm.train import evaluate_run
-from ets.runs import RunDir
 
 
-def selection_rows(w: dict, run_dir: str) -> dict:
-    """A results.json-shaped {"meta", "rows"}: one row per selection rule, its per-problem
-    outcomes with each problem's tree KV mean from the run's records."""
-    kv = {r["id"]: r["kv"]["kv_mean"] for r in RunDir(run_dir).iter_problems()}
+def selection_rows(w: dict) -> dict:
+    """A results.json-shaped {"meta", "rows"}: one row per selection rule of w["per_problem"]
+    (evaluate_run(..., per_problem=True)), its per-problem outcomes with each problem's tree KV."""
     pp = w["per_problem"]
+    rules = [k for k in pp if k not in ("ids", "kv_mean")]
     rows = [{"method": rule, "prm": w["prm"] if rule in ("weighted", "best") else None,
-             "per_problem": [{"id": i, "correct": bool(c), "kv_mean": kv[i]} for i, c in zip(pp["ids"], pp[rule])]}
-            for rule in ("weighted", "best", "majority", "oracle")]
+             "per_problem": [{"id": i, "correct": bool(c), "kv_mean": kv}
+                             for i, c, kv in zip(pp["ids"], pp[rule], pp["kv_mean"])]}
+            for rule in rules]
     return {"meta": {"made_by": "benchmarks/learned_prm_eval.py", "prm": w["prm"], "run": w["run"]}, "rows": rows}
 
 
@@ -40,7 +40,7 @@ def main() -> int:
     a = p.parse_args()
     w = evaluate_run(a.prm_file, a.run_dir, per_problem=bool(a.rows))
     if a.rows:
-        Path(a.rows).write_text(json.dumps(selection_rows(w, a.run_dir), indent=1) + "\n", encoding="utf-8")
+        Path(a.rows).write_text(json.dumps(selection_rows(w), indent=1) + "\n", encoding="utf-8")
         del w["per_problem"]
     if a.json:
         print(json.dumps(w, indent=1))

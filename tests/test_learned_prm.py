@@ -500,6 +500,8 @@ def test_eval_script_rows_pair_a_search_run_with_the_samples_majority(toy, tmp_p
     for rule in ("weighted", "best", "majority", "oracle"):
         assert sum(pp[rule]) / len(pp["ids"]) == pytest.approx(w[f"acc_{rule}"]), rule
     assert "per_problem" not in train.evaluate_run(out, d)
+    kv = {r["id"]: r["kv"]["kv_mean"] for r in RunDir(d).iter_problems()}
+    assert pp["kv_mean"] == [kv[i] for i in pp["ids"]]
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     rows_file = tmp_path / "sel" / "results.json"
@@ -512,6 +514,7 @@ def test_eval_script_rows_pair_a_search_run_with_the_samples_majority(toy, tmp_p
     assert set(saved) == {"weighted", "best", "majority", "oracle"}
     assert [p["correct"] for p in saved["majority"]["per_problem"]] == pp["majority"]
     assert saved["weighted"]["prm"] == w["prm"] and saved["majority"]["prm"] is None
+    assert [p["kv_mean"] for p in saved["oracle"]["per_problem"]] == pp["kv_mean"]
     # the oracle is never below the majority: paired with it as base, the difference is >= 0
     got = subprocess.run([sys.executable, str(bench / "pair_results.py"), "--base", f"{rows_file}:majority",
                           f"{rows_file}:oracle"], capture_output=True, text=True, timeout=60)

@@ -564,8 +564,9 @@ def evaluate_run(prm_path, run_dir, ids=None, per_problem: bool = False) -> dict
     those in `ids`), rescoring the saved trees: for a best-of-N run of test problems (its samples
     do not depend on the PRM) this is the PRM's final-step AUROC and its weighted / best /
     majority / any-correct accuracy, without generating anything (`per_problem`: each rule's
-    outcome per problem too, see heldout_figures). The policy check is the caller's: the run's
-    records name the policy by engine, not by model."""
+    outcome per problem too, see heldout_figures, with "kv_mean": each problem's tree KV mean from
+    its record). The policy check is the caller's: the run's records name the policy by engine,
+    not by model."""
     import numpy as np
 
     from ets.prm.learned import LearnedPRM
@@ -580,5 +581,9 @@ def evaluate_run(prm_path, run_dir, ids=None, per_problem: bool = False) -> dict
     task = Task.from_dict(records[0]["task"])
     ex = examples_from_records(records, task)
     scores = prm.predict(prm.features.rows(ex.question, ex.prefix))
-    return {"prm": prm.name, "run": str(run_dir),
-            **heldout_figures(ex, scores, np.ones(len(scores), bool), task, per_problem)}
+    out = {"prm": prm.name, "run": str(run_dir),
+           **heldout_figures(ex, scores, np.ones(len(scores), bool), task, per_problem)}
+    if per_problem:
+        kv = {r["id"]: r["kv"]["kv_mean"] for r in records}
+        out["per_problem"]["kv_mean"] = [kv[i] for i in out["per_problem"]["ids"]]
+    return out
