@@ -71,7 +71,7 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # GSM8K *train* problems x 4 (the first file of record had 128 x 4, too few for its vote to beat the
 # majority), the statistics head fitted on them; cut short, it resumes, or `--fit-done` fits on the
 # finished ones.
-# learned-prm-w16 runs REBASE and ETS under the learned PRM only (two configs, ~2.5 h here): the default-PRM
+# learned-prm-w16 runs REBASE and ETS under the learned PRM only (two configs, 7,289 s here at CONCURRENCY=32): the default-PRM
 # arms are the record's (record-vllm-qwen-gsm8k-w16, same 100 problems), paired by benchmarks/pair_results.py.
 # math500-bon16: best-of-16 trees of MATH500 test problems, to judge the GSM8K-trained learned PRM on
 # another dataset (`python benchmarks/learned_prm_eval.py FILE runs/best_of_n-w16-XXXXXXXX`).
