@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from learned_prm_cv import within_head  # noqa: E402
 
 DEFAULT_LAYERS = (8, 12, 16, 20, 24)  # policy_hidden.py's default (files without `layers`)
-LAYERS: list[int] = []  # the layers of the loaded files, in their order
 
 
 def load(run_dir, hidden_dir, task=None, limit=None):
-    """(Examples, hidden [N, L, D] float32) of the run's problems that have a hidden-state file
-    (the first `limit` of them, in file-name order)."""
+    """(Examples, hidden [N, L, D] float32, the L layers' indices, task) of the run's problems that
+    have a hidden-state file (the first `limit` of them, in file-name order)."""
     hidden_dir = Path(hidden_dir)
     recs = [r for r in RunDir(run_dir).iter_problems() if (hidden_dir / f"{r['id']}.npz").exists()][:limit]
     if not recs:
@@ -43,37 +42,37 @@ def load(run_dir, hidden_dir, task=None, limit=None):
                          "(make them with benchmarks/policy_hidden.py)")
     task = task or Task.from_dict(recs[0]["task"])
     ex = train.examples_from_records(recs, task)
-    hs = []
+    hs, layers_of_all = [], None
     for r in recs:
         z = np.load(hidden_dir / f"{r['id']}.npz")
         layers = [int(i) for i in z["layers"]] if "layers" in z else list(DEFAULT_LAYERS)
-        if LAYERS and layers != LAYERS:
-            raise ValueError(f"{hidden_dir}/{r['id']}.npz holds layers {layers}, the others {LAYERS}")
-        LAYERS[:] = layers
+        if layers_of_all is not None and layers != layers_of_all:
+            raise ValueError(f"{hidden_dir}/{r['id']}.npz holds layers {layers}, the others {layers_of_all}")
+        layers_of_all = layers
         by = {int(n): h for n, h in zip(z["node"], z["h"])}
         for node in tree_from_dict(r["tree"]).nodes[1:]:  # examples_from_records' order
             hs.append(by[node.id] if node.id in by else np.zeros_like(z["h"][0]))
-    return ex, np.stack(hs).astype(np.float32), task
+    return ex, np.stack(hs).astype(np.float32), layers_of_all, task
 
 
-PCA: dict = {}  # set part -> (mean, components), fitted on the first rows it sees (the training run's)
-
-
-def columns(name, ex, h, stats):
+def columns(name, h, layers, stats, pca):
+    """The feature columns of set `name` (see the module docstring) of hidden states h [N, L, D]
+    (layers: their indices) and statistics [N, 21]; pca: part -> (mean, components), filled by the
+    first call that meets a pca part (so call it on the training rows first)."""
     parts = []
     for part in name.split("+"):
         if part == "stats":
             parts.append(stats)
         elif part.startswith("L"):
-            parts.append(h[:, LAYERS.index(int(part[1:]))])
+            parts.append(h[:, layers.index(int(part[1:]))])
         elif part.startswith("pca"):  # pcaK:L -> layer L's first K principal components (fitted on the training rows)
             k, layer = part[3:].split(":")
-            x = h[:, LAYERS.index(int(layer))]
-            if part not in PCA:
+            x = h[:, layers.index(int(layer))]
+            if part not in pca:
                 c = x - x.mean(0)
                 _, _, vt = np.linalg.svd(c[:: max(1, len(c) // 20000)], full_matrices=False)
-                PCA[part] = (x.mean(0), vt[: int(k)].T)
-            mu, v = PCA[part]
+                pca[part] = (x.mean(0), vt[: int(k)].T)
+            mu, v = pca[part]
             parts.append((x - mu) @ v)
         else:
             raise ValueError(part)
@@ -111,7 +110,7 @@ def main() -> int:
     p.add_argument("--no-cv", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="the first N training problems with a file")
     a = p.parse_args()
-    ex, h, task = load(a.train_run, a.train_hidden, limit=a.limit)
+    ex, h, layers, task = load(a.train_run, a.train_hidden, limit=a.limit)
     feats = learned.Features("hash", feature_set="stats")
     stats = feats.rows(ex.question, ex.prefix)
     y, final = np.array(ex.label), np.array(ex.final)
@@ -122,13 +121,16 @@ def main() -> int:
     print(f"{a.train_run}: {len(ids)} problems, {len(y)} prefixes, {final.sum()} solutions; hidden {h.shape}")
     test = None
     if a.test:
-        tex, th, _ = load(a.test, a.test_hidden, task)
+        tex, th, test_layers, _ = load(a.test, a.test_hidden, task)
+        if test_layers != layers:
+            raise SystemExit(f"{a.test_hidden} holds layers {test_layers}, {a.train_hidden} {layers}")
         tstats = feats.rows(tex.question, tex.prefix)
         test = (tex, th, tstats, np.array(tex.final))
         print(f"{a.test}: {len(set(tex.problem))} problems, {np.array(tex.final).sum()} solutions")
+    pca: dict = {}
     for name in a.sets.split(","):
         within = name.endswith("-within")
-        x = columns(name.removesuffix("-within"), ex, h, stats)
+        x = columns(name.removesuffix("-within"), h, layers, stats, pca)
         for l2 in [float(v) for v in a.l2.split(",")]:
             if not a.no_cv:
                 pred = np.zeros(len(y))
@@ -138,7 +140,7 @@ def main() -> int:
                 print(line(f"cv {name} l2={l2:g}", train.heldout_figures(ex, pred, np.ones(len(y), bool), task)), flush=True)
             if test is not None:
                 tex, th, tstats, tfinal = test
-                s = fit_predict(x, y, final, problem, columns(name.removesuffix("-within"), tex, th, tstats), tfinal, l2, within)
+                s = fit_predict(x, y, final, problem, columns(name.removesuffix("-within"), th, layers, tstats, pca), tfinal, l2, within)
                 print(line(f"test {name} l2={l2:g}", train.heldout_figures(tex, s, np.ones(len(s), bool), task)), flush=True)
     return 0
 
