@@ -27,7 +27,7 @@ from ets.tasks import Task
 from ets.treeio import tree_from_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learned_prm_cv import within_head  # noqa: E402
+from learned_prm_cv import fold_of, within_head  # noqa: E402
 
 DEFAULT_LAYERS = (8, 12, 16, 20, 24)  # policy_hidden.py's default (files without `layers`)
 
@@ -116,8 +116,7 @@ def main() -> int:
     y, final = np.array(ex.label), np.array(ex.final)
     problem = np.array(ex.problem)
     ids = sorted(set(ex.problem))
-    fold_of = {pid: k % a.folds for k, pid in enumerate(np.random.default_rng(0).permutation(ids))}
-    fold = np.array([fold_of[i] for i in ex.problem])
+    fold = np.array([fold_of(i, a.folds) for i in ex.problem])  # learned_prm_cv.py's folds
     print(f"{a.train_run}: {len(ids)} problems, {len(y)} prefixes, {final.sum()} solutions; hidden {h.shape}")
     test = None
     if a.test:

@@ -290,17 +290,18 @@ def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_p
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     capsys.readouterr()
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats,stats-split,stats-split-within", "--folds", "3",
+    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats,stats-split,stats-split-within,stats-split-gbt,stats-split-mlp", "--folds", "3",
                                       "--l2", "0.01", "--test", str(d)])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0
     out = capsys.readouterr().out
     rows = {line.split("(")[0].strip(): line for line in out.splitlines() if line.strip().startswith("learned,")}
-    assert set(rows) == {"learned, stats", "learned, stats-split", "learned, stats-split-within"}
-    for line in rows.values():  # the planted plan is readable out of fold by one head, two, or within problems
+    assert set(rows) == {"learned, stats", "learned, stats-split", "learned, stats-split-within", "learned, stats-split-gbt",
+                         "learned, stats-split-mlp"}
+    for line in rows.values():  # the planted plan is readable out of fold by one head, two, within problems, non-linear heads
         assert float(line.split("final-step AUROC ")[1].split()[0]) > 0.85
-    assert out.count(f"on {d} (30 problems") == 3
+    assert out.count(f"on {d} (30 problems") == 5
 
 
 def test_a_file_whose_heads_do_not_match_its_feature_set_is_refused(tmp_path):
