@@ -115,9 +115,8 @@ def main() -> int:
     stats = feats.rows(ex.question, ex.prefix)
     y, final = np.array(ex.label), np.array(ex.final)
     problem = np.array(ex.problem)
-    ids = sorted(set(ex.problem))
     fold = np.array([fold_of(i, a.folds) for i in ex.problem])  # learned_prm_cv.py's folds
-    print(f"{a.train_run}: {len(ids)} problems, {len(y)} prefixes, {final.sum()} solutions; hidden {h.shape}")
+    print(f"{a.train_run}: {len(set(ex.problem))} problems, {len(y)} prefixes, {final.sum()} solutions; hidden {h.shape}")
     test = None
     if a.test:
         tex, th, test_layers, _ = load(a.test, a.test_hidden, task)
