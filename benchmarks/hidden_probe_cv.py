@@ -27,7 +27,7 @@ from ets.tasks import Task
 from ets.treeio import tree_from_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learned_prm_cv import fold_of, within_head  # noqa: E402
+from learned_prm_cv import fit_heads_predict, fold_of  # noqa: E402
 
 DEFAULT_LAYERS = (8, 12, 16, 20, 24)  # policy_hidden.py's default (files without `layers`)
 
@@ -81,13 +81,8 @@ def columns(name, h, layers, stats, pca):
 
 def fit_predict(x, y, final, problems, x_new, final_new, l2, within=False):
     """Two heads (open prefixes, answered ones) as `ets train-prm --features stats-split` fits
-    them; within: the answered head fitted on contrasts within a problem (learned_prm_cv.within_head)."""
-    head, head_new = final.astype(np.int64), final_new.astype(np.int64)
-    w, b, mean, scale, _ = train.fit_heads(x, y, y, [""] * len(y), head, 2, [l2])
-    out = learned.score_rows(x_new, head_new, w, b, mean, scale)
-    if within and final_new.any():
-        out[final_new] = within_head(x[final], y[final], problems[final], l2)(x_new[final_new])
-    return out
+    them, the head chosen by `final` (an L<i>-only set has no statistics to read it from)."""
+    return fit_heads_predict(x, y, final.astype(np.int64), problems, x_new, final_new.astype(np.int64), 2, l2, within)
 
 
 def line(name, w):
@@ -95,7 +90,8 @@ def line(name, w):
     return (f"  {name:20s} final AUROC {f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within "
             f"({w['problems_mixed']} mixed); weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
             f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}; weighted - majority "
-            "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"])))
+            "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"]))
+            + f"; open prefixes {f(w['auroc_open_within'])} within ({w['open_groups_mixed']} problem-depths)")
 
 
 def main() -> int:

@@ -45,12 +45,16 @@ WITHIN = {"stats-split-within"}  # the answered head fitted on contrasts within 
 NONLINEAR = {"stats-split-gbt", "stats-split-mlp"}  # non-linear heads (nonlinear_model); train-prm does not make them
 
 
-def fit_predict(features, x_fit, y_fit, x_new, l2):
-    """Scores of x_new by the feature set's head(s) fitted on (x_fit, y_fit), as `ets train-prm` fits them
-    (ets.prm.train.fit_heads) with L2 weight l2."""
-    w, b, mean, scale, _ = train.fit_heads(x_fit, y_fit, y_fit, [""] * len(y_fit), features.head_of(x_fit),
-                                           features.heads, [l2])
-    return learned.score_rows(x_new, features.head_of(x_new), w, b, mean, scale)
+def fit_heads_predict(x_fit, y_fit, head_fit, problems_fit, x_new, head_new, heads, l2, within=False):
+    """Scores of x_new by one logistic head per head index (row n by head head_new[n]), fitted on
+    (x_fit, y_fit) as `ets train-prm` fits them (ets.prm.train.fit_heads) with L2 weight l2;
+    within: head 1 (answered prefixes) by within_head instead."""
+    w, b, mean, scale, _ = train.fit_heads(x_fit, y_fit, y_fit, [""] * len(y_fit), head_fit, heads, [l2])
+    out = learned.score_rows(x_new, head_new, w, b, mean, scale)
+    fit_rows, new_rows = head_fit == 1, head_new == 1
+    if within and new_rows.any():
+        out[new_rows] = within_head(x_fit[fit_rows], y_fit[fit_rows], np.asarray(problems_fit)[fit_rows], l2)(x_new[new_rows])
+    return out
 
 
 def within_head(x, y, problems, l2):
@@ -87,9 +91,8 @@ def nonlinear_model(name, l2):
 
 
 def fit_predict_set(name, features, x_fit, y_fit, problems_fit, x_new, l2):
-    """Scores of x_new by set `name`: fit_predict, with the answered head replaced by within_head
-    for the sets in WITHIN (open prefixes: as train-prm fits them), and every head by
-    nonlinear_model for the sets in NONLINEAR."""
+    """Scores of x_new by set `name`: fit_heads_predict by the set's heads, the answered head by
+    within_head for the sets in WITHIN, every head by nonlinear_model for the sets in NONLINEAR."""
     if name in NONLINEAR:
         out = np.zeros(len(x_new))
         head_fit, head_new = features.head_of(x_fit), features.head_of(x_new)
@@ -98,13 +101,8 @@ def fit_predict_set(name, features, x_fit, y_fit, problems_fit, x_new, l2):
                 model = nonlinear_model(name, l2).fit(x_fit[head_fit == h], y_fit[head_fit == h] >= 0.5)
                 out[head_new == h] = model.predict_proba(x_new[head_new == h])[:, 1]
         return out
-    out = fit_predict(features, x_fit, y_fit, x_new, l2)
-    if name not in WITHIN:
-        return out
-    fit_rows, new_rows = features.head_of(x_fit) == 1, features.head_of(x_new) == 1
-    if new_rows.any():
-        out[new_rows] = within_head(x_fit[fit_rows], y_fit[fit_rows], np.asarray(problems_fit)[fit_rows], l2)(x_new[new_rows])
-    return out
+    return fit_heads_predict(x_fit, y_fit, features.head_of(x_fit), problems_fit, x_new, features.head_of(x_new),
+                             features.heads, l2, within=name in WITHIN)
 
 
 def fold_of(problem_id: str, folds: int) -> int:
@@ -119,17 +117,28 @@ def main() -> int:
     p.add_argument("--sets", default="stats-v1,stats-read1,stats")
     p.add_argument("--embedder", default="minilm")
     p.add_argument("--test", default=None, metavar="RUN_DIR", help="also fit on every rollout and judge on this run's trees")
+    p.add_argument("--labels", default="outcome",
+                   help="comma list of training labels (ets.prm.train.LABELS); with an mc-* one, only the problems "
+                        "whose completions `ets train-prm --labels mc-* --mc-k K` saved are used, for every labelling")
+    p.add_argument("--mc-k", type=int, default=4)
     a = p.parse_args()
-    records = list(RunDir(a.run_dir).iter_problems())
+    run = RunDir(a.run_dir)
+    records = list(run.iter_problems())
     if not records:
         print(f"{a.run_dir} has no finished problems", file=sys.stderr)
         return 2
     task = Task.from_dict(records[0]["task"])
+    labellings = a.labels.split(",")
+    mc = train.load_mc(run, a.mc_k) if any(lab != "outcome" for lab in labellings) else None
+    if mc is not None:
+        records = [r for r in records if r["id"] in mc]
     ex = train.examples_from_records(records, task)
+    ys = {lab: np.array(train.examples_from_records(records, task, lab, mc).label) for lab in labellings}
     fold = np.array([fold_of(i, a.folds) for i in ex.problem])
-    y, final, right = np.array(ex.label), np.array(ex.final), np.array(ex.outcome) >= 0.5
-    print(f"{a.run_dir}: {len(records)} problems, {len(ex.problem)} prefixes, {final.sum()} solutions "
-          f"({(final & right).sum()} right); {a.folds} folds by problem, L2 {a.l2:g}")
+    final, right = np.array(ex.final), np.array(ex.outcome) >= 0.5
+    print(f"{a.run_dir}: {len(records)} problems{' (those with mc-k%d completions)' % a.mc_k if mc else ''}, "
+          f"{len(ex.problem)} prefixes, {final.sum()} solutions ({(final & right).sum()} right); "
+          f"{a.folds} folds by problem, L2 {a.l2:g}; labels {', '.join(labellings)}")
 
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (an AUROC is None with one class)
 
@@ -141,22 +150,34 @@ def main() -> int:
               f"{f(w['auroc_final_within'])} within ({w['problems_mixed']} mixed problems); "
               f"per fold {' '.join(f(v) for v in per)}; weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
               f"majority {f(w['acc_majority'])}, any {f(w['acc_oracle'])}; weighted - majority "
-              "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"])))
+              "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"]))
+              + f"; open prefixes {f(w['auroc_open_within'])} within ({w['open_groups_mixed']} problem-depths)")
 
     if None not in ex.rollout_score:
         report(f"rollouts' PRM ({records[0].get('prm', '?')})", np.array(ex.rollout_score, float))
+    for lab in labellings:
+        if lab != "outcome":  # a reference: each open prefix's value estimated from K other completions
+            w = train.heldout_figures(ex, ys[lab], np.ones(len(ys[lab]), bool), task)
+            print(f"  the {lab} labels themselves (K={a.mc_k} completions per open prefix, no fit; a whole solution's "
+                  f"label is its outcome): open prefixes {f(w['auroc_open_within'])} within "
+                  f"({w['open_groups_mixed']} problem-depths)")
     tests = list(RunDir(a.test).iter_problems()) if a.test else []
     test_ex = train.examples_from_records(tests, task) if tests else None
-    for name in a.sets.split(","):
+    if test_ex is not None and None not in test_ex.rollout_score:
+        w = train.heldout_figures(test_ex, np.array(test_ex.rollout_score, float), np.ones(len(test_ex.problem), bool), task)
+        print(f"  on {a.test}, its rollouts' PRM: final-step AUROC {f(w['auroc_final'])} pooled, "
+              f"{f(w['auroc_final_within'])} within; open prefixes {f(w['auroc_open_within'])} within "
+              f"({w['open_groups_mixed']} problem-depths)")
+    for name, lab in ((n, lab) for n in a.sets.split(",") for lab in labellings):
         feature_set, stats, version = SETS[name]
         features = learned.Features(a.embedder, feature_set=feature_set, stats=stats, version=version)
-        x = features.rows(ex.question, ex.prefix)
+        x, y = features.rows(ex.question, ex.prefix), ys[lab]
         pred = np.zeros(len(y))
         problem = np.array(ex.problem)
         for k in range(a.folds):
             pred[fold == k] = fit_predict_set(name, features, x[fold != k], y[fold != k], problem[fold != k],
                                               x[fold == k], a.l2)
-        report(f"learned, {name} ({x.shape[1]})", pred)
+        report(f"learned, {name} ({x.shape[1]})" + (f", {lab}" if len(labellings) > 1 else ""), pred)
         if test_ex is not None:
             x_test = features.rows(test_ex.question, test_ex.prefix)
             scores = fit_predict_set(name, features, x, y, problem, x_test, a.l2)
@@ -164,7 +185,8 @@ def main() -> int:
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
                   f"{f(w['acc_weighted'])}, best {f(w['acc_best'])}, majority {f(w['acc_majority'])}, "
-                  f"any {f(w['acc_oracle'])}")
+                  f"any {f(w['acc_oracle'])}; open prefixes {f(w['auroc_open_within'])} within "
+                  f"({w['open_groups_mixed']} problem-depths)")
     return 0
 
 

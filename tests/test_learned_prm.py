@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,27 @@ def test_math_shepherd_labels_from_completions():
         train.examples_from_records([rec], TASK, "mc-soft", {"p": {}})
     with pytest.raises(ValueError, match="no saved completions"):
         train.examples_from_records([rec], TASK, "mc-soft", {})
+
+
+def test_open_prefixes_are_judged_within_one_depth_of_one_problem():
+    """auroc_open_within: open prefixes of one problem at one depth, ranked against their
+    rollouts' outcomes; finished solutions and groups of one class are left out."""
+    tree = Tree([1, 2], "prompt")
+    steps = []
+    for i, ok in enumerate((True, False, True)):  # three chains: plan, then an answer
+        plan = tree.add_child(tree.root, [3 + i], f"Plan {i}\n\n", DELIMITER, [-0.1])
+        end = tree.add_child(plan, [9], f"so \\boxed{{{42 if ok else 7}}}", EOS, [-0.2])
+        end.finish = ANSWER
+        steps += [plan, end]
+    rec = {"id": "p", "prompt": "Q?", "gold": "42", "tree": tree_to_dict(tree)}
+    ex = train.examples_from_records([rec], TASK)
+    assert [ex.outcome[i] for i in range(6) if not ex.final[i]] == [1.0, 0.0, 1.0]
+    # plans scored right-high: 1.0; one wrong plan above a right one: 0.5; the finals' scores do not count
+    good = np.array([0.9, 0.1, 0.2, 0.9, 0.8, 0.1])
+    w = train.heldout_figures(ex, good, np.ones(6, bool), TASK)
+    assert w["auroc_open_within"] == pytest.approx(1.0) and w["open_groups_mixed"] == 1
+    mixed = np.array([0.9, 0.9, 0.5, 0.1, 0.2, 0.9])
+    assert train.heldout_figures(ex, mixed, np.ones(6, bool), TASK)["auroc_open_within"] == pytest.approx(0.5)
 
 
 def test_completions_count_right_answers_and_skip_the_rollouts_own_step():
@@ -302,6 +324,35 @@ def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_p
     for line in rows.values():  # the planted plan is readable out of fold by one head, two, within problems, non-linear heads
         assert float(line.split("final-step AUROC ")[1].split()[0]) > 0.85
     assert out.count(f"on {d} (30 problems") == 5
+
+
+def test_cross_validation_script_compares_labellings_on_the_problems_with_completions(toy, tmp_path, planted, capsys,
+                                                                                      monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    assert _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3")[0] == 0
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    for f in sorted((d / "mc-k3").glob("*.json"))[:10]:  # 20 of the 30 problems keep their completions
+        f.unlink()
+    capsys.readouterr()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "full", "--embedder", "hash", "--folds", "3",
+                                      "--l2", "0.01", "--labels", "outcome,mc-soft", "--mc-k", "3", "--test", str(d)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "20 problems (those with mc-k3 completions)" in out
+    rows = {re.sub(r" \(\d+\)", "", line.split(" final-step")[0].strip()): line for line in out.splitlines()
+            if line.strip().startswith("learned,")}
+    assert set(rows) == {"learned, full, outcome", "learned, full, mc-soft"}
+    for line in rows.values():  # the plan (its words: the embedding) ranks the open prefixes under either labelling
+        assert float(line.split("open prefixes ")[1].split()[0]) > 0.85
+    assert out.count(f"on {d} (30 problems") == 2  # the test run is judged whole
+    # the plan decides the value, so K=3 completions rank the open prefixes almost as the outcome does
+    assert float(out.split("mc-soft labels themselves")[1].split("open prefixes ")[1].split()[0]) > 0.85
 
 
 def test_a_file_whose_heads_do_not_match_its_feature_set_is_refused(tmp_path):

@@ -340,7 +340,8 @@ def choose_l2(x, y, outcome, problems, grid, seed: int = 0):
 def heldout_figures(ex: Examples, scores, mask, task, per_problem: bool = False) -> dict:
     """Figures of `scores` (one per example) on the examples where `mask` is set: AUROC of the
     final-step score against correctness (also for the rollouts' own PRM), pooled over solutions
-    and the mean within problems; AUROC over every prefix against its outcome; and best-of-N
+    and the mean within problems; AUROC over every prefix against its outcome, and over the open
+    prefixes of one depth of one problem (auroc_open_within, the mean over such groups); and best-of-N
     accuracy of the weighted vote, the single best, the plain majority and any-correct.
     `per_problem` adds {"ids": [...], "weighted"|"best"|"majority"|"oracle": [bool, ...]} (each
     rule's outcome per problem, in `ids` order) for pairing with other runs."""
@@ -366,6 +367,16 @@ def heldout_figures(ex: Examples, scores, mask, task, per_problem: bool = False)
     within = [w for w in within if w is not None]
     out["auroc_final_within"] = float(np.mean(within)) if within else None
     out["problems_mixed"] = len(within)
+    # What a search sees: at one depth of one problem, the open prefixes (no final answer yet)
+    # ranked against their rollouts' outcomes; the mean over (problem, depth) groups with both.
+    groups: dict[tuple, list[int]] = {}
+    for i in idx:
+        if not ex.final[i]:
+            groups.setdefault((ex.problem[i], len(ex.path[i])), []).append(i)
+    open_within = [auroc([float(scores[i]) for i in v], [ex.outcome[i] >= 0.5 for i in v]) for v in groups.values()]
+    open_within = [w for w in open_within if w is not None]
+    out["auroc_open_within"] = float(np.mean(open_within)) if open_within else None
+    out["open_groups_mixed"] = len(open_within)
     problems = sorted({ex.problem[i] for i in idx})
     right_by = {"weighted": [], "best": [], "majority": [], "oracle": []}  # per problem, in `problems` order
     for p in problems:
