@@ -121,6 +121,8 @@ def main() -> int:
                    help="comma list of training labels (ets.prm.train.LABELS); with an mc-* one, only the problems "
                         "whose completions `ets train-prm --labels mc-* --mc-k K` saved are used, for every labelling")
     p.add_argument("--mc-k", type=int, default=4)
+    p.add_argument("--vote-power", type=float, default=1.0,
+                   help="weigh the vote by score**P (1: the spec's weighted vote; AUROCs do not change)")
     a = p.parse_args()
     run = RunDir(a.run_dir)
     records = list(run.iter_problems())
@@ -138,14 +140,15 @@ def main() -> int:
     final, right = np.array(ex.final), np.array(ex.outcome) >= 0.5
     print(f"{a.run_dir}: {len(records)} problems{' (those with mc-k%d completions)' % a.mc_k if mc else ''}, "
           f"{len(ex.problem)} prefixes, {final.sum()} solutions ({(final & right).sum()} right); "
-          f"{a.folds} folds by problem, L2 {a.l2:g}; labels {', '.join(labellings)}")
+          f"{a.folds} folds by problem, L2 {a.l2:g}; labels {', '.join(labellings)}"
+          + (f"; votes weighed by score**{a.vote_power:g}" if a.vote_power != 1 else ""))
 
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (an AUROC is None with one class)
 
     def report(name, scores):
         per = [auroc(list(scores[final & (fold == k)]), list(right[final & (fold == k)])) for k in range(a.folds)]
         # every score is out of fold, so the votes and the within-problem AUROC are held-out figures too
-        w = train.heldout_figures(ex, scores, np.ones(len(scores), bool), task)
+        w = train.heldout_figures(ex, scores ** a.vote_power, np.ones(len(scores), bool), task)
         print(f"  {name:24s} final-step AUROC {auroc(list(scores[final]), list(right[final])):.3f} pooled, "
               f"{f(w['auroc_final_within'])} within ({w['problems_mixed']} mixed problems); "
               f"per fold {' '.join(f(v) for v in per)}; weighted {f(w['acc_weighted'])}, best {f(w['acc_best'])}, "
@@ -181,7 +184,7 @@ def main() -> int:
         if test_ex is not None:
             x_test = features.rows(test_ex.question, test_ex.prefix)
             scores = fit_predict_set(name, features, x, y, problem, x_test, a.l2)
-            w = train.heldout_figures(test_ex, scores, np.ones(len(scores), bool), task)
+            w = train.heldout_figures(test_ex, scores ** a.vote_power, np.ones(len(scores), bool), task)
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
                   f"{f(w['acc_weighted'])}, best {f(w['acc_best'])}, majority {f(w['acc_majority'])}, "

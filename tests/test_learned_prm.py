@@ -326,6 +326,31 @@ def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_p
     assert out.count(f"on {d} (30 problems") == 5
 
 
+def test_cross_validation_script_weighs_the_vote_by_a_power_of_the_score(toy, tmp_path, planted, capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    assert _train(toy, tmp_path, "--features", "stats")[0] == 0
+    [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
+
+    def votes(power):
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats", "--folds", "3", "--l2", "0.01",
+                                          "--vote-power", power])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+        assert done.value.code == 0
+        [row] = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("learned,")]
+        return {k: row.split(f" {k} ")[1].split(",")[0] for k in ("weighted", "majority", "AUROC")}
+
+    flat, plain = votes("0"), votes("1")
+    assert flat["weighted"] == flat["majority"]  # every score**0 is 1: the weighted vote counts heads
+    assert plain["weighted"] != plain["majority"]  # the planted plan's scores outvote the majority
+    assert flat["AUROC"] == plain["AUROC"]  # a power keeps the ranking
+
+
 def test_cross_validation_script_compares_labellings_on_the_problems_with_completions(toy, tmp_path, planted, capsys,
                                                                                       monkeypatch):
     import runpy
