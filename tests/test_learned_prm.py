@@ -6,6 +6,9 @@ import hashlib
 import json
 import random
 import re
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +77,17 @@ def planted(monkeypatch):
     monkeypatch.setattr(ets.checks, "_check_policy", lambda spec: None if spec == "planted" else check(spec))
     monkeypatch.setattr(ets.factory, "make_policy",
                         lambda spec, **kw: PlantedPolicy(seed=kw.get("seed", 0)) if spec == "planted" else real(spec, **kw))
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name, argv, monkeypatch):
+    """Run benchmarks/<name> as __main__ with argv; its exit code."""
+    monkeypatch.setattr(sys, "argv", [str(BENCH / name), *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(BENCH / name), run_name="__main__")
+    return done.value.code
 
 
 def _train(toy, tmp_path, *extra):
@@ -304,19 +318,11 @@ def test_stats_split_fits_two_heads_and_scores_each_row_by_its_own(toy, tmp_path
 
 
 def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_path, planted, capsys, monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
     assert _train(toy, tmp_path, "--features", "stats")[0] == 0
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     capsys.readouterr()
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats,stats-split,stats-split-within,stats-split-gbt,stats-split-mlp", "--folds", "3",
-                                      "--l2", "0.01", "--test", str(d)])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(script), run_name="__main__")
-    assert done.value.code == 0
+    assert _script("learned_prm_cv.py", [str(d), "--sets", "stats,stats-split,stats-split-within,stats-split-gbt,stats-split-mlp",
+                                         "--folds", "3", "--l2", "0.01", "--test", str(d)], monkeypatch) == 0
     out = capsys.readouterr().out
     rows = {line.split("(")[0].strip(): line for line in out.splitlines() if line.strip().startswith("learned,")}
     assert set(rows) == {"learned, stats", "learned, stats-split", "learned, stats-split-within", "learned, stats-split-gbt",
@@ -327,21 +333,13 @@ def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_p
 
 
 def test_cross_validation_script_weighs_the_vote_by_a_power_of_the_score(toy, tmp_path, planted, capsys, monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
     assert _train(toy, tmp_path, "--features", "stats")[0] == 0
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
 
     def votes(power):
         capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "stats", "--folds", "3", "--l2", "0.01",
-                                          "--vote-power", power])
-        with pytest.raises(SystemExit) as done:
-            runpy.run_path(str(script), run_name="__main__")
-        assert done.value.code == 0
+        assert _script("learned_prm_cv.py", [str(d), "--sets", "stats", "--folds", "3", "--l2", "0.01",
+                                             "--vote-power", power], monkeypatch) == 0
         [row] = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("learned,")]
         return {k: row.split(f" {k} ")[1].split(",")[0] for k in ("weighted", "majority", "AUROC")}
 
@@ -353,21 +351,13 @@ def test_cross_validation_script_weighs_the_vote_by_a_power_of_the_score(toy, tm
 
 def test_cross_validation_script_compares_labellings_on_the_problems_with_completions(toy, tmp_path, planted, capsys,
                                                                                       monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
     assert _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3")[0] == 0
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     for f in sorted((d / "mc-k3").glob("*.json"))[:10]:  # 20 of the 30 problems keep their completions
         f.unlink()
     capsys.readouterr()
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_prm_cv.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(d), "--sets", "full", "--embedder", "hash", "--folds", "3",
-                                      "--l2", "0.01", "--labels", "outcome,mc-soft", "--mc-k", "3", "--test", str(d)])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(script), run_name="__main__")
-    assert done.value.code == 0
+    assert _script("learned_prm_cv.py", [str(d), "--sets", "full", "--embedder", "hash", "--folds", "3", "--l2", "0.01",
+                                         "--labels", "outcome,mc-soft", "--mc-k", "3", "--test", str(d)], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "20 problems (those with mc-k3 completions)" in out
     rows = {re.sub(r" \(\d+\)", "", line.split(" final-step")[0].strip()): line for line in out.splitlines()
@@ -563,10 +553,7 @@ def test_evaluate_run_rescoring_saved_trees_matches_the_heldout_figures(toy, tmp
 
 
 def test_eval_script_rows_pair_a_search_run_with_the_samples_majority(toy, tmp_path, planted, capsys, monkeypatch):
-    import runpy
     import subprocess
-    import sys
-    from pathlib import Path
 
     _, out = _train(toy, tmp_path, "--json")
     capsys.readouterr()
@@ -580,20 +567,16 @@ def test_eval_script_rows_pair_a_search_run_with_the_samples_majority(toy, tmp_p
     kv = {r["id"]: r["kv"]["kv_mean"] for r in RunDir(d).iter_problems()}
     assert pp["kv_mean"] == [kv[i] for i in pp["ids"]]
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
     rows_file = tmp_path / "sel" / "results.json"
     rows_file.parent.mkdir()
-    monkeypatch.setattr(sys, "argv", [str(bench / "learned_prm_eval.py"), str(out), str(d), "--rows", str(rows_file)])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(bench / "learned_prm_eval.py"), run_name="__main__")
-    assert done.value.code == 0
+    assert _script("learned_prm_eval.py", [str(out), str(d), "--rows", str(rows_file)], monkeypatch) == 0
     saved = {r["method"]: r for r in json.loads(rows_file.read_text())["rows"]}
     assert set(saved) == {"weighted", "best", "majority", "oracle"}
     assert [p["correct"] for p in saved["majority"]["per_problem"]] == pp["majority"]
     assert saved["weighted"]["prm"] == w["prm"] and saved["majority"]["prm"] is None
     assert [p["kv_mean"] for p in saved["oracle"]["per_problem"]] == pp["kv_mean"]
     # the oracle is never below the majority: paired with it as base, the difference is >= 0
-    got = subprocess.run([sys.executable, str(bench / "pair_results.py"), "--base", f"{rows_file}:majority",
+    got = subprocess.run([sys.executable, str(BENCH / "pair_results.py"), "--base", f"{rows_file}:majority",
                           f"{rows_file}:oracle"], capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     line = next(l for l in got.stdout.splitlines() if l.startswith("| sel:oracle"))
@@ -624,10 +607,8 @@ def test_a_packed_run_unpacks_into_the_same_run_and_resumes(toy, tmp_path, plant
     import importlib.util
     import shutil
     import tarfile
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "pack_run", Path(__file__).resolve().parents[1] / "benchmarks" / "pack_run.py")
+    spec = importlib.util.spec_from_file_location("pack_run", BENCH / "pack_run.py")
     pack_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack_run)
     rc, out = _train(toy, tmp_path, "--features", "stats", "--json")

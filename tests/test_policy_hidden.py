@@ -3,8 +3,6 @@ saved trees) and benchmarks/hidden_probe_cv.py (value heads on those states), on
 and the real default model (slow: loads it)."""
 
 import runpy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +10,7 @@ import pytest
 from ets.runs import RunDir
 from ets.treeio import tree_from_dict
 
-from test_learned_prm import _train, planted, toy  # noqa: F401 (fixtures)
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script(name, argv, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [str(BENCH / name), *argv])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(BENCH / name), run_name="__main__")
-    return done.value.code
+from test_learned_prm import BENCH, _script, _train, planted, toy  # noqa: F401 (fixtures)
 
 
 @pytest.mark.slow
