@@ -188,8 +188,9 @@ def main() -> int:
             print(f"    on {a.test} ({w['problems']} problems, {w['solutions']} solutions): final-step AUROC "
                   f"{f(w['auroc_final'])} pooled, {f(w['auroc_final_within'])} within; weighted "
                   f"{f(w['acc_weighted'])}, best {f(w['acc_best'])}, majority {f(w['acc_majority'])}, "
-                  f"any {f(w['acc_oracle'])}; open prefixes {f(w['auroc_open_within'])} within "
-                  f"({w['open_groups_mixed']} problem-depths)")
+                  f"any {f(w['acc_oracle'])}; weighted - majority "
+                  "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * v for v in w["weighted_minus_majority"]))
+                  + f"; open prefixes {f(w['auroc_open_within'])} within ({w['open_groups_mixed']} problem-depths)")
     return 0
 
 
