@@ -114,7 +114,7 @@ CASES = [
     ("prm-math-shepherd-missing", _run("--prm", "math-shepherd:/nonexistent"), None, 2, "--prm math-shepherd:/nonexistent: no such"),
     ("prm-qwen-missing", _run("--prm", "qwen-prm:/nonexistent"), None, 2, "--prm qwen-prm:/nonexistent: no such"),
     ("prm-unknown", _run("--prm", "bogus"), None, 2, "--prm bogus: unknown PRM"),
-    ("prm-kind-without-path", _run("--prm", "math-shepherd:"), None, 2, "unknown PRM"),
+    ("prm-kind-without-path", _run("--prm", "math-shepherd:"), None, 2, "nothing after 'math-shepherd:'; give a path or URL"),
     ("prm-ftp", _run("--prm", "ftp://x/y"), None, 2, "--prm: 'ftp://x/y' is not an http(s) URL"),
     # -- data sets ----------------------------------------------------------------------------------
     ("dataset-directory", _run("--dataset", "{tmp}"), None, 2, "is a directory: --dataset takes a JSONL file"),

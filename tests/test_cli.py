@@ -203,39 +203,46 @@ def test_serve_delegates(monkeypatch):
 
 def test_factory_dispatch(monkeypatch):
     import ets.factory as f
+    from ets.prm.default import DefaultPRM
+    from ets.prm.mock import MockPRM
+    from ets.prm.reference import ReferencePRM
+    from ets.prm.served import ServedPRM
 
     calls = []
 
-    def fake(name, accepts_policy=False):
-        if accepts_policy:
-            def ctor(policy=None):
-                calls.append((name, (), {"policy": policy}))
-                return name
-        else:
-            def ctor(*args, seed=None):
-                calls.append((name, args, {"seed": seed}))
-                return name
+    def fake(name):
+        def ctor(*args, seed=None):
+            calls.append((name, args, {"seed": seed}))
+            return name
         return ctor
 
     monkeypatch.setitem(sys.modules, "ets.engines.hf", types.SimpleNamespace(load_policy=fake("hf")))
     monkeypatch.setitem(sys.modules, "ets.engines.server", types.SimpleNamespace(ServerPolicy=fake("server")))
-    monkeypatch.setitem(sys.modules, "ets.prm.math_shepherd", types.SimpleNamespace(MathShepherdPRM=fake("ms")))
-    monkeypatch.setitem(sys.modules, "ets.prm.served", types.SimpleNamespace(ServedPRM=fake("served")))
-    monkeypatch.setitem(sys.modules, "ets.prm.default", types.SimpleNamespace(DefaultPRM=fake("dp", True)))
     assert f.make_policy("default", seed=1, device="cpu") == "hf"
     assert f.make_policy("/models/x.gguf", seed=1) == "hf"
     assert f.make_policy("http://a:1, http://b:2", seed=1) == "server"
-    assert f.make_prm("math-shepherd:/m", None, seed=2) == "ms"
-    assert f.make_prm("https://prm:9", None) == "served"
-    assert f.make_prm("default", "POLICY", seed=2) == "dp"
     assert calls == [("hf", (None,), {"seed": 1}), ("hf", ("/models/x.gguf",), {"seed": 1}),
-                     ("server", (["http://a:1", "http://b:2"],), {"seed": 1}), ("ms", ("/m",), {"seed": 2}),
-                     ("served", ("https://prm:9",), {"seed": None}), ("dp", (), {"policy": "POLICY"})]
+                     ("server", (["http://a:1", "http://b:2"],), {"seed": 1})]
     assert type(f.make_policy("mock", seed=5)).__name__ == "MockPolicy"
-    with pytest.raises(f.SpecError, match="unknown PRM spec"):
+    # PRMs: through the registry (ets.prm.registry), with the run's seed and timeout
+    assert isinstance(f.make_prm("default", "POLICY", seed=2), DefaultPRM)
+    assert isinstance(f.make_prm("mock", None, seed=2), MockPRM) and f.make_prm("mock", None, seed=2).seed == 2
+    served = f.make_prm("https://prm:9", None, timeout_s=7)
+    assert isinstance(served, ServedPRM) and served.convention.name == "qwen-prm" and served.timeout_s == 7
+    served = f.make_prm("math-shepherd:http://prm:9?batch_size=3", None)
+    assert served.convention.name == "math-shepherd" and served.batch_size == 3
+    ref = f.make_prm("reference?noise=0.5", None, seed=4)
+    assert isinstance(ref, ReferencePRM) and (ref.noise, ref.seed) == (0.5, 4) and ref.name == "reference(noise=0.5)"
+    with pytest.raises(f.SpecError, match="unknown PRM kind 'nonsense'"):
         f.make_prm("nonsense", None)
     with pytest.raises(f.SpecError, match="one PRM per run; `ets compare --prm A,B`"):
         f.make_prm("default,mock", None)
+    with pytest.raises(f.SpecError, match="noise='x' is not a number"):
+        f.make_prm("reference?noise=x", None)
+    with pytest.raises(f.SpecError, match="has no option 'nosie'"):
+        f.make_prm("reference?nosie=1", None)
+    with pytest.raises(f.SpecError, match="takes reference$"):
+        f.make_prm("reference:/some/path", None)
 
 
 def test_threads_default_follows_where_the_server_is(monkeypatch):

@@ -96,7 +96,7 @@ def _check_model_dir(path: Path, flag: str, spec: str) -> None:
         raise BadInput(f"{flag} {spec}: no such model folder or file. Use a local model folder or .gguf file "
                        "(models are never downloaded), or: " + ("default, mock, http://HOST:PORT"
                                                                 if flag == "--policy" else
-                                                                "default, mock, math-shepherd:PATH, qwen-prm:PATH, http://URL"))
+                                                                "a PRM spec (see `ets prms`)"))
     cfg = path / "config.json"
     if not cfg.is_file():
         raise BadInput(f"{flag} {spec}: {path} has no config.json, so it is not a transformers model folder")
@@ -121,22 +121,14 @@ def _check_policy(spec: str) -> None:
 
 
 def _check_prm(spec: str) -> None:
-    if spec in ("default", "mock"):
-        return
-    if "://" in spec:
-        _check_url(spec, "--prm")
-        return
-    kind, sep, path = spec.partition(":")
-    if sep and kind in ("math-shepherd", "qwen-prm") and path:
-        _check_model_dir(Path(path).expanduser(), "--prm", spec)
-        return
-    if sep and kind == "learned" and path:
-        file = Path(path.partition("?")[0]).expanduser()
-        if not file.is_file():
-            raise BadInput(f"--prm {spec}: no file {file}; make one with `ets train-prm`")
-        return
-    raise BadInput(f"--prm {spec}: unknown PRM; use default, mock, math-shepherd:PATH, qwen-prm:PATH, "
-                   "learned:PATH or http://URL")
+    """--prm: a spec the PRM registry can parse, whose target exists (ets.prm.registry.check)."""
+    from ets.prm import registry
+
+    try:
+        registry.check(registry.parse(spec))
+    except registry.SpecError as e:
+        msg = str(e)
+        raise BadInput(safe(msg if msg.startswith("--prm") else f"--prm {spec}: {msg}")) from None
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:

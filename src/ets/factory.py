@@ -5,15 +5,7 @@
         "mock"                    -> ets.engines.mock.MockPolicy(seed=opts["seed"])
         "http://..." (comma list) -> ets.engines.server.ServerPolicy(urls, **opts)
         anything else (dir/GGUF)  -> ets.engines.hf.load_policy(spec, **opts)
-    make_prm(spec, policy, **opts)
-        None | "default"          -> ets.prm.default.DefaultPRM()  (given `policy` if it takes one)
-        "mock"                    -> ets.prm.mock.MockPRM(seed=opts["seed"])
-        "math-shepherd:PATH"      -> ets.prm.math_shepherd.MathShepherdPRM(PATH)
-        "qwen-prm:PATH"           -> ets.prm.qwen_prm.QwenPRM(PATH)
-        "learned:PATH[?any_policy=1]" -> ets.prm.learned.LearnedPRM(PATH, policy=policy, any_policy=...)
-                                     (a file from `ets train-prm`; refused for another policy
-                                     unless ?any_policy=1)
-        "http://..."              -> ets.prm.served.ServedPRM(url)
+    make_prm(spec, policy, **opts)  -> the PRM registry (ets.prm.registry): KIND[:TARGET][?options]
 
 Model modules are imported only when asked for: a mock run needs no torch import. Options that
 a constructor does not take are dropped (each engine takes its own set: seed, device, ...).
@@ -24,9 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-
-class SpecError(ValueError):
-    """A --policy/--prm spec that cannot be built; the message says what to pass instead."""
+from ets.prm.registry import SpecError  # one error type for --policy and --prm specs
 
 
 def _call(target: str, *args, **opts):
@@ -73,51 +63,16 @@ def make_policy(spec: str | None, **opts):
 
 
 def make_prm(spec: str | None, policy=None, **opts):
-    if spec in (None, "", "default"):
-        # the default PRM reads the policy's token log-probs from the tree; a version that
-        # wants the policy object itself gets it by keyword
-        return _call("ets.prm.default.DefaultPRM", **opts, **({"policy": policy} if policy is not None else {}))
-    if spec == "mock":
-        return _call("ets.prm.mock.MockPRM", **opts)
-    if _is_url(spec):
-        return _call("ets.prm.served.ServedPRM", spec, **opts)
-    if "," in spec:
-        raise SpecError(f"--prm {spec!r}: one PRM per run; `ets compare --prm A,B` compares several "
-                        "on the same problems")
-    kind, sep, path = spec.partition(":")
-    if kind == "learned" and path:
-        return _learned(path, policy)
-    targets = {"math-shepherd": "ets.prm.math_shepherd.MathShepherdPRM", "qwen-prm": "ets.prm.qwen_prm.QwenPRM"}
-    if sep and kind in targets and path:
-        return _call(targets[kind], path, **opts)
-    raise SpecError(f"unknown PRM spec {spec!r}; use default, mock, math-shepherd:PATH, qwen-prm:PATH, "
-                    "learned:PATH or an http(s):// URL")
+    """The reward model of `spec` (ets.prm.registry: KIND[:TARGET][?options]); `opts` may hold
+    seed (the run's) and timeout_s (served kinds' HTTP timeout)."""
+    from ets.prm import registry
+
+    ctx = registry.BuildContext(policy=policy, seed=opts.get("seed") or 0, timeout_s=opts.get("timeout_s"))
+    return registry.build(registry.parse(spec or "default"), ctx)
 
 
 def prm_identity(spec: str) -> str:
-    """How a PRM spec names a run (ets.runner.RunConfig.identity): the spec itself, except that a
-    learned PRM is named by its file's content, so the same file under another path resumes the
-    same run and a file retrained in place starts a new one."""
-    import hashlib
-    from pathlib import Path
+    """How a PRM spec names a run (ets.runner.RunConfig.identity): ets.prm.registry.identity."""
+    from ets.prm import registry
 
-    kind, _, rest = spec.partition(":")
-    if kind != "learned" or not rest:
-        return spec
-    path, _, query = rest.partition("?")
-    try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError as e:
-        raise SpecError(f"--prm {spec}: cannot read {path} ({e.strerror}); make one with `ets train-prm`") from e
-    return f"learned:sha256={digest}" + (f"?{query}" if query else "")
-
-
-def _learned(path: str, policy):
-    """learned:PATH[?any_policy=1|0]: the file of `ets train-prm`, checked against `policy`."""
-    from urllib.parse import parse_qsl
-
-    path, _, query = path.partition("?")
-    opts = dict(parse_qsl(query, keep_blank_values=True))
-    if set(opts) - {"any_policy"} or opts.get("any_policy", "0") not in ("0", "1"):
-        raise SpecError(f"learned:{path}?{query}: the only option is any_policy=1 (use the file with any policy)")
-    return _call("ets.prm.learned.LearnedPRM", path, policy=policy, any_policy=opts.get("any_policy") == "1")
+    return registry.identity(spec)

@@ -213,7 +213,8 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         try:
             emb = _embedder(job.cfg, embedders)
             job_prm = run_prm[job.run.name]
-            result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done)
+            result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done,
+                                  reference=task.reference(job.problem))
             record = problem_record(job.problem, task, prompt, result, vote, agg,
                                     getattr(policy, "name", "?"), getattr(job_prm, "name", "?"))
             job.run.write_problem(record)

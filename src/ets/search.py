@@ -16,7 +16,7 @@ from typing import Callable
 from ets.config import SearchConfig
 from ets.engines.base import EOS, LENGTH, Expansion, Policy
 from ets.extract import has_final_answer
-from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.base import PRMError, Reference, RewardModel, ScoreRequest
 from ets.strategies import Frontier, Strategy, build_strategy
 from ets.tree import ANSWER, CAP, DEPTH, Node, Tree, kv_footprint
 
@@ -95,8 +95,11 @@ def classify(node: Node, cfg: SearchConfig) -> str | None:
 
 async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchConfig,
                  strategy: Strategy | None = None, embedder=None,
-                 on_depth: Callable[[int, int, dict], None] | None = None) -> SearchResult:
+                 on_depth: Callable[[int, int, dict], None] | None = None,
+                 reference: Reference | None = None) -> SearchResult:
     """Run one problem's tree search to the end and return the whole tree.
+    reference: the problem's answer key, passed to the PRM with every path (only the reference
+    PRM, a benchmarking instrument, reads it).
     on_depth(depth, generated tokens, engine) is called after every depth is generated and
     scored: the depth reached (1 = the root's children), the tokens that depth generated, and
     policy.observe(root) (for a live progress line; it must not raise)."""
@@ -165,7 +168,7 @@ async def search(question: str, policy: Policy, prm: RewardModel, cfg: SearchCon
                 f"delimiter {cfg.sampling.step_delimiter!r} (or EOS) within max_step_tokens="
                 f"{cfg.sampling.max_step_tokens}: this model does not use that delimiter. Set "
                 "--step-delimiter to what it emits between steps, or raise --max-step-tokens.")
-        await _score(question, prm, children)
+        await _score(question, prm, children, reference)
         counters["prm_calls"] += 1
 
         kv = kv_footprint(children, cfg.kv_block_size)
@@ -187,8 +190,8 @@ def _check_alloc(strategy: Strategy, alloc: list[int], candidates: list[Node], r
         raise RuntimeError(f"strategy {strategy.name} allocated {sum(alloc)} > remaining width {remaining}")
 
 
-async def _score(question: str, prm: RewardModel, children: list[Node]) -> None:
-    scores = await prm.score([ScoreRequest(question, c) for c in children])
+async def _score(question: str, prm: RewardModel, children: list[Node], reference: Reference | None = None) -> None:
+    scores = await prm.score([ScoreRequest(question, c, reference) for c in children])
     if len(scores) != len(children):
         raise PRMError(f"PRM {prm.name} returned {len(scores)} results for {len(children)} paths")
     for child, path_scores in zip(children, scores):

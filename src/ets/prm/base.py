@@ -14,11 +14,24 @@ class PRMError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A problem's answer key, handed to a PRM only where the search is told to (ets.runner does
+    for every problem): `gold` the final answer, `solution` the reference solution's text (GSM8K:
+    with its <<a*b=c>> annotations) or None, `numeric` how the task grades. Real PRMs ignore it;
+    the reference PRM (ets.prm.reference), a benchmarking instrument, reads it."""
+
+    gold: str
+    solution: str | None = None
+    numeric: bool = False
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     """Score the path root -> `node`: its steps are `node.path()` (texts: `node.step_texts()`)."""
 
     question: str
     node: Node
+    reference: Reference | None = None
 
 
 class RewardModel(ABC):

@@ -28,6 +28,7 @@ import re
 from typing import Sequence
 
 from ets.prm.base import RewardModel, ScoreRequest
+from ets.prm.registry import Option, PRMKind, register
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 # maximal runs of arithmetic characters (linear time: no nested quantifiers)
@@ -155,3 +156,15 @@ class DefaultPRM(RewardModel):
 
     def stats(self) -> dict:
         return {"prm_calls": self.calls, "prm_paths": self.paths}
+
+
+def _build(spec, ctx):
+    return DefaultPRM(arith_weight=spec.get("arith_weight"), penalty=spec.get("penalty"))
+
+
+register(PRMKind(
+    "default", "the policy's own token confidence and exact checks of the arithmetic each step states "
+    "(no model); the embedded default", ("none",), _build,
+    options=(Option("arith_weight", float, 0.7, "weight of the arithmetic term (the rest: confidence)"),
+             Option("penalty", float, 0.25, "factor per wrong statement so far")),
+    tested="hand-computed scores on planted statements (tests/test_prm_default.py)"))

@@ -48,6 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.registry import Option, PRMKind, SpecError, register
 from ets.prm.train import FEATURE_SETS  # defined there: the CLI reads it without importing numpy
 
 FORMAT = 1
@@ -376,3 +377,26 @@ class LearnedPRM(RewardModel):
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def _identity(spec) -> str:
+    """A learned PRM names its run by its file's content: the same file under another path
+    resumes the same run, a file retrained in place starts a new one."""
+    try:
+        digest = hashlib.sha256(Path(spec.target).expanduser().read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise SpecError(f"--prm {spec}: cannot read {spec.target} ({e.strerror}); make one with `ets train-prm`") from e
+    return f"learned:sha256={digest}" + ("?any_policy=1" if spec.get("any_policy") else "")
+
+
+def _check(spec) -> None:
+    if not Path(spec.target).expanduser().is_file():
+        raise SpecError(f"--prm {spec}: no file {spec.target}; make one with `ets train-prm`")
+
+
+register(PRMKind(
+    "learned", "a value head fitted by `ets train-prm` on the policy's own rollouts, over statistics of "
+    "the prefix (a .npz file; refused for another policy unless any_policy=1)", ("path",),
+    lambda spec, ctx: LearnedPRM(Path(spec.target).expanduser(), policy=ctx.policy, any_policy=spec.get("any_policy")),
+    options=(Option("any_policy", bool, False, "use the file with a policy it was not trained for"),),
+    check=_check, identity=_identity, tested="tests/test_learned_prm.py (fit, load, score, refusals)"))

@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 from ets.prm.formats import math_shepherd_text
+from ets.prm.registry import BATCH_SIZE, DEVICE, DTYPE, MODEL, PRMKind, check_target, register
 
 
 def single_token(tok, text: str, what: str) -> int:
@@ -42,6 +41,8 @@ class StepTagPRM(RewardModel):
 
     def __init__(self, model, tokenizer, tag: str, insert_tag: bool = True, step_delimiter: str | None = None,
                  device=None, batch_size: int = 8, max_length: int | None = None, dtype=None):
+        import torch
+
         if tokenizer is None:  # `model` is a local folder
             model, tokenizer = self.from_folder(model, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,6 +105,8 @@ class StepTagPRM(RewardModel):
         return ids
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        import torch
+
         self.calls += 1
         self.paths += len(requests)
         encoded = [self.encode(r.question, r.node.step_texts()) for r in requests]
@@ -156,3 +159,26 @@ class MathShepherdPRM(StepTagPRM):
 
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", local_files_only=True), tok
+
+
+def served_or_local(convention: str, local):
+    """A kind's build: ServedPRM (vLLM pooling, `convention`) for a URL, else `local(spec, ctx)`."""
+    def build(spec, ctx):
+        if spec.is_url:
+            from ets.prm.served import ServedPRM
+
+            return ServedPRM(spec.target, model=spec.get("model"), convention=convention,
+                             batch_size=spec.get("batch_size"), timeout_s=ctx.timeout_s)
+        return local(spec, ctx)
+    return build
+
+
+register(PRMKind(
+    "math-shepherd", "\"{question} {step 1} ки\\n{step 2} ки\": P(+) / (P(+) + P(-)) from the LM logits at each "
+    "ки (Math-Shepherd's causal LM)", ("path", "url"),
+    served_or_local("math-shepherd", lambda spec, ctx: MathShepherdPRM(
+        spec.target, device=spec.get("device"), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"))),
+    options=(DEVICE, DTYPE, BATCH_SIZE, MODEL), check=check_target,
+    served_by="vLLM pooling, STEP pooling with returned_token_ids [+, -] (docs/servers.md)",
+    tested="tiny Llama with the tag token: scores equal the logits by hand; served by a loopback "
+           "stand-in (tests/test_prm_hf.py)"))

@@ -7,6 +7,7 @@ import hashlib
 from typing import Sequence
 
 from ets.prm.base import RewardModel, ScoreRequest
+from ets.prm.registry import PRMKind, register
 
 
 class MockPRM(RewardModel):
@@ -34,3 +35,9 @@ class MockPRM(RewardModel):
                 scores = scores[:-1]
             out.append(scores)
         return out
+
+
+register(PRMKind(
+    "mock", "a seeded hash of (seed, path) in (0, 1), raised for a step that boxes the mock policy's "
+    "answer 42 (no model; for tests and smoke runs)", ("none",), lambda spec, ctx: MockPRM(seed=ctx.seed),
+    tested="tests/test_strategies.py, tests/test_cli.py (every mock run)"))

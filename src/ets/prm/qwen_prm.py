@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ets.prm.math_shepherd import StepTagPRM
+from ets.prm.math_shepherd import StepTagPRM, served_or_local
+from ets.prm.registry import BATCH_SIZE, DEVICE, DTYPE, MODEL, PRMKind, TRUST_REMOTE_CODE, check_target, register
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -53,3 +52,15 @@ class QwenPRM(StepTagPRM):
         if trc:
             return AutoModel.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=True, local_files_only=True), tok
         return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype or "auto", local_files_only=True), tok
+
+
+register(PRMKind(
+    "qwen-prm", "ChatML (the card's system prompt, the question as the user turn, the steps each ended by "
+    "<extra_0> as the assistant turn): P(class 1) of the two-class head at each <extra_0> (Qwen2.5-Math-PRM)",
+    ("path", "url"),
+    served_or_local("qwen-prm", lambda spec, ctx: QwenPRM(
+        spec.target, device=spec.get("device"), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"),
+        trust_remote_code=spec.get("trust_remote_code"))),
+    options=(DEVICE, DTYPE, BATCH_SIZE, MODEL, TRUST_REMOTE_CODE), check=check_target,
+    served_by="vLLM pooling (Qwen2ForProcessRewardModel, STEP pooling)",
+    tested="tiny token-classification checkpoint (tests/test_prm_hf.py)"))

@@ -21,6 +21,7 @@ class Problem:
     question: str
     gold: str  # the reference final answer (GSM8K: the number after ####)
     meta: dict = field(default_factory=dict, compare=False)  # source fields kept for viewing
+    solution: str | None = field(default=None, compare=False)  # the answer field's whole text (GSM8K: the worked solution)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class Task:
     def evaluate(self, problem: Problem, solution_text: str) -> bool:
         """Grade a whole solution text against the problem's gold answer."""
         return self.grade(self.extract(solution_text), problem.gold)
+
+    def reference(self, problem: Problem):
+        """The problem's answer key as a PRM receives it (ets.prm.base.Reference)."""
+        from ets.prm.base import Reference
+
+        return Reference(problem.gold, problem.solution, self.numeric)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "numeric": self.numeric, "instruction": self.instruction}

@@ -70,7 +70,7 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
                 continue
             seen[pid] = lineno
             meta = {k: v for k, v in obj.items() if k not in (question_field,)}
-            problems.append(Problem(pid, str(obj[question_field]), gold_text, meta))
+            problems.append(Problem(pid, str(obj[question_field]), gold_text, meta, str(obj[answer_field])))
     if len(errors) == 1:
         raise DatasetError(f"{errors[0]}; nothing was run")
     if errors:
