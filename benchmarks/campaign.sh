@@ -78,6 +78,12 @@ MB_TOKENS=$((MB_BLOCKS * 32))
 # math500-w16 lists REBASE and ETS first: the pooled schedule runs a problem's configs in turn, so
 # a stage cut short by UNTIL leaves the last configs with the fewest problems (run it as
 # `--methods rebase,ets` first, then the rest, to be sure of the pair).
+# claim-ref-* (issue 37): the claim under the reference PRM (ets.prm.reference: it KNOWS THE ANSWERS, an
+# instrument that makes PRM quality a dial), at the three noise levels chosen by `ets worth` on the
+# 200 held-out best-of-16 trees (docs/results.md: open-prefix AUROC 0.681 / 0.634 / 0.582 at noise
+# 0 / 1.5 / 3); 100 problems at the top level, 50 at the others; beam and DVTS at the top level on
+# 50 (REBASE beside them: the same run directory as claim-ref-top's, so its problems are reused);
+# W=64 at the level whose W=16 ratio is highest (set when it is known; noise 0 until then).
 # math500-w16-baselines is that rest: the record's REBASE and ETS were run first and committed (their
 # run directories were lost with their machine), so its baselines are paired with the committed
 # record by benchmarks/pair_results.py (best-of-16 reuses the run directory of problems 0-31).
@@ -95,6 +101,11 @@ STAGES=(
   "learned-prm-w16|--methods rebase,ets --widths 16 --limit 100 --prm learned:benchmarks/results/learned-prm-stats-1000/learned-stats-split-qwen2.5-coder-0.5b-t08-1000.npz --out $OUT/record-vllm-qwen-gsm8k-w16-learned-prm-1000 --title 'GSM8K W=16, REBASE and ETS under the learned statistics PRM of 572 train problems (issue 14; paired with the record by pair_results.py), $MODEL, T=0.8, 512 tokens'"
   "math500-bon16|--dataset math500 --methods best_of_n --widths 16 --limit 100 --out $OUT/prm-signal-bon16-math500 --title 'Best-of-16 on MATH500 (issue 14: does the learned PRM carry over? learned_prm_eval.py on its trees), $MODEL, T=0.8, 512 tokens'"
   "bon16-200|--methods best_of_n --widths 16 --limit 200 --out $OUT/prm-signal-bon16-gsm8k-200 --title 'Best-of-16 on 200 GSM8K test problems (issue 14: the learned PRM on >= 200 held-out problems), $MODEL, T=0.8, 512 tokens'"
+  "claim-ref-top|--methods rebase,ets,ets:lambda_c=4 --widths 16 --limit 100 --prm reference --out $OUT/claim-reference-w16-noise0 --title 'The claim under a PRM of known quality: GSM8K W=16 under reference(noise=0) (KNOWS THE ANSWERS: a benchmarking instrument), $MODEL, T=0.8, 512 tokens'"
+  "claim-ref-mid|--methods rebase,ets,ets:lambda_c=4 --widths 16 --limit 50 --prm 'reference?noise=1.5' --out $OUT/claim-reference-w16-noise1.5 --title 'The claim under a PRM of known quality: GSM8K W=16 under reference(noise=1.5) (KNOWS THE ANSWERS: a benchmarking instrument), $MODEL, T=0.8, 512 tokens'"
+  "claim-ref-low|--methods rebase,ets,ets:lambda_c=4 --widths 16 --limit 50 --prm 'reference?noise=3' --out $OUT/claim-reference-w16-noise3 --title 'The claim under a PRM of known quality: GSM8K W=16 under reference(noise=3) (KNOWS THE ANSWERS: a benchmarking instrument), $MODEL, T=0.8, 512 tokens'"
+  "claim-ref-beam-dvts|--methods beam,dvts,rebase --widths 16 --limit 50 --prm reference --out $OUT/claim-reference-w16-noise0-beam-dvts --title 'Beam search and DVTS beside REBASE under reference(noise=0) (KNOWS THE ANSWERS: a benchmarking instrument), GSM8K W=16, $MODEL, T=0.8, 512 tokens'"
+  "claim-ref-w64|--methods rebase,ets,ets:lambda_c=4 --widths 64 --limit 32 --prm reference --out $OUT/claim-reference-w64-noise0 --title 'The claim at W=64 under reference(noise=0) (KNOWS THE ANSWERS: a benchmarking instrument), GSM8K, $MODEL, T=0.8, 512 tokens'"
   "memory-bound|--methods rebase,ets,ets:lambda_c=2,ets:lambda_c=4 --widths 16 --limit 16 --concurrency 16 --schedule chunked --runs-dir $RUNS/memory-bound-$MB_TOKENS --out $OUT/memory-bound-vllm-qwen-gsm8k-w16 --title 'Memory-bound GSM8K W=16, $MODEL with a $MB_TOKENS-token KV cache ($MB_BLOCKS blocks), T=0.8, 512 tokens'"
 )
 NAMED_ONLY=" memory-bound "  # stages that run only when named (they need a differently started server)

@@ -54,6 +54,37 @@ def _add_strategy_flags(g) -> None:
             g.add_argument(flag, type=finite if base is float else base, default=None, help=help_)
 
 
+def _add_prm_flags(g) -> None:
+    """--prm-NAME for every option a PRM kind has (ets.prm.registry): the same as ?NAME=VALUE in
+    the spec, for the kinds that have it."""
+    from ets.prm import registry
+
+    for name, opt in registry.flag_options().items():
+        flag = "--prm-" + name.replace("_", "-")
+        help_ = f"{opt.help} [{', '.join(registry.owners(name))}]"
+        if opt.type is bool:
+            g.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            g.add_argument(flag, type=finite if opt.type is float else opt.type, default=None, help=help_)
+
+
+def prm_specs(a, strict: bool) -> str:
+    """--prm with the --prm-NAME flags folded into each spec (ets.prm.registry.with_flag_options):
+    strict (run): a flag its kind lacks is an error; compare: it applies where the kind has it."""
+    from ets.prm import registry
+
+    flags = {name: getattr(a, "prm_" + name, None) for name in registry.flag_options()}
+    if not any(v is not None for v in flags.values()):
+        return a.prm
+    specs = [str(registry.with_flag_options(registry.parse(s), flags, strict)) for s in _csv(a.prm)]
+    used = {n for n, v in flags.items() if v is not None}
+    for name in used:
+        if not any(name in {o.name for o in registry.kind_of(registry.parse(s).kind).options} for s in specs):
+            raise registry.SpecError(f"--prm-{name.replace('_', '-')} applies to none of --prm {a.prm} "
+                                     f"(it is an option of {', '.join(registry.owners(name))})")
+    return ",".join(specs)
+
+
 def typing_args(typ) -> tuple:
     """(int,) for int, (int, NoneType) for int | None."""
     import typing
@@ -84,8 +115,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ids", type=_csv, default=None, help="comma-separated problem ids (overrides limit/offset)")
     g = p.add_argument_group("models")
     g.add_argument("--policy", default="default", help="default | mock | http://HOST:PORT[,...] | model dir/GGUF")
-    g.add_argument("--prm", default="default", help="default | mock | learned:PATH | math-shepherd:PATH | "
-                   "qwen-prm:PATH | http://URL; compare: several, comma-separated, each run on the same problems")
+    g.add_argument("--prm", default="default", help="KIND[:PATH|:URL][?KEY=VALUE&...] (`ets prms` lists the kinds and "
+                   "their options; default: the offline default PRM); compare: several, comma-separated, each run "
+                   "on the same problems")
+    _add_prm_flags(g)
     g.add_argument("--embedder", default="minilm",
                    help=f"ETS clustering embedder: {' | '.join(EMBEDDERS)} (default minilm)")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
@@ -133,7 +166,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
-    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,view,info,serve,train-prm}")
+    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,worth,view,info,serve,train-prm}")
     r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 2 GSM8K problems, "
                                    "256 tokens per trajectory: the few-minute CPU job)")
     r.add_argument("--strategy", default="ets", help="ets | rebase | beam | dvts | best_of_n (default ets)")
@@ -168,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir", metavar="RUN_DIR")
     v.add_argument("--problem", default=None, help="problem id (default: the first saved)")
     v.add_argument("-o", "--output", default=None, help="HTML file (default tree-<id>.html)")
+    w = sub.add_parser("worth", help="what a PRM is worth on saved trees: AUROCs (final step, open prefixes) and "
+                                     "best-of-N votes, the run's own PRM or any --prm rescoring them (no generation)")
+    w.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, typically best-of-N (its samples do not depend on the PRM)")
+    w.add_argument("--prm", default=None, help="comma list of PRM specs to rescore the trees with (default: judge "
+                                               "the scores the run saved)")
+    _add_prm_flags(w)
+    w.add_argument("--limit", type=int, default=None, help="the first N saved problems (default all)")
+    w.add_argument("--seed", type=int, default=0, help="seed of seeded PRMs (reference noise; default 0)")
+    w.add_argument("--concurrency", type=int, default=8, help="problems scored at once (default 8)")
+    w.add_argument("--request-timeout", type=seconds, default=None, metavar="S", help="served PRMs' request timeout")
+    w.add_argument("--agg", default="last", choices=AGGREGATIONS, help="without --prm: step-score aggregation")
+    w.add_argument("--out", default=None, help="markdown file to write (FILE.json beside it)")
+    w.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     i = sub.add_parser("info", help="versions, device, models found")
     i.add_argument("--json", action="store_true")
     sub.add_parser("serve", help="start the serving front end (ets.serve)", add_help=False)
@@ -187,7 +233,8 @@ def run_config(a) -> "RunConfig":
 
     return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
                      id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),
-                     policy=a.policy, prm=a.prm, embedder=a.embedder, concurrency=a.concurrency,
+                     policy=a.policy, prm=prm_specs(a, strict=a.cmd != "compare"), embedder=a.embedder,
+                     concurrency=a.concurrency,
                      kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg,
                      admit_until=getattr(a, "admit_until", None))
 
@@ -527,6 +574,52 @@ def cmd_score(a) -> int:
     return 0
 
 
+def cmd_worth(a) -> int:
+    from ets.runs import RunDir, atomic_write_text
+
+    RunDir(a.run_dir).config()  # a clear error when it is not a run directory
+    if a.limit is not None and a.limit < 1:
+        raise BadInput(f"--limit {a.limit}: give a number of problems >= 1")
+    if a.concurrency < 1:
+        raise BadInput(f"--concurrency {a.concurrency}: give a number >= 1")
+    if a.prm is None:
+        from ets.report.prm_worth import run_worth, worth_markdown
+
+        ids = None
+        if a.limit is not None:
+            ids = [r["id"] for r in RunDir(a.run_dir).iter_problems()][: a.limit]
+        rows = [run_worth(a.run_dir, agg=a.agg, ids=ids)]
+        text = f"### {rows[0]['run']} (agg {a.agg})\n\n{worth_markdown(rows[0])}\n"
+    else:
+        from ets.factory import make_prm
+        from ets.report.rescore import rescore_markdown, worth_of
+
+        specs = _csv(prm_specs(a, strict=len(_csv(a.prm)) == 1))
+        for spec in specs:
+            _check_prm_spec(spec)
+        rows = []
+        for spec in specs:
+            prm = make_prm(spec, None, seed=a.seed, **({"timeout_s": a.request_timeout} if a.request_timeout else {}))
+            rows.append(worth_of(a.run_dir, prm, a.limit, a.concurrency))
+            print(f"[ets] {rows[-1]['prm']}: scored in {rows[-1]['score_s']:g} s", file=sys.stderr)
+        text = (f"PRMs rescoring the saved trees of {a.run_dir} (`ets worth`; seed {a.seed})\n\n"
+                + rescore_markdown(rows) + "\n")
+    print(json.dumps(rows, indent=1) if a.json else text)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
+        atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _check_prm_spec(spec: str) -> None:
+    from ets.checks import _check_prm
+
+    _check_prm(spec)
+
+
 def cmd_view(a) -> int:
     from ets.report.viewer import render_record
     from ets.runs import RunDir, atomic_write_text, safe_name
@@ -612,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(["run"])
     a.argv = argv
     verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info,
-             "train-prm": cmd_train_prm}
+             "train-prm": cmd_train_prm, "worth": cmd_worth}
     from ets.factory import SpecError
     from ets.models import ModelNotFound
     from ets.runs import RunMismatch

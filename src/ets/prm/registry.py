@@ -46,6 +46,7 @@ class Option:
     default: Any
     help: str
     choices: tuple | None = None
+    names_run: bool = True  # whether it changes scores, so is part of a run's identity (device does not)
 
     def parse(self, text: str, spec: str) -> Any:
         if self.type is bool:
@@ -94,7 +95,9 @@ class PRMSpec:
         text = self.kind + (f":{self.target}" if self.target is not None else "")
         if self.options:
             def show(v):
-                return ("1" if v else "0") if isinstance(v, bool) else str(v)
+                if isinstance(v, bool):
+                    return "1" if v else "0"
+                return format(v, ".12g") if isinstance(v, float) else str(v)
             text += "?" + "&".join(f"{k}={quote(show(v), safe='/:.,-_')}" for k, v in self.options)
         return text
 
@@ -263,7 +266,24 @@ def identity(spec: PRMSpec | str) -> str:
         return kind.identity(parsed)
     if isinstance(spec, str) and spec.strip().startswith(("http://", "https://")):
         return spec.strip()  # as runs named before the registry
-    return str(parsed)
+    # options that change no score (device, batch size) and options at their defaults do not
+    # name the run: the same PRM on another GPU, or spelled out in full, resumes the same run
+    named = tuple((k, v) for k, v in parsed.options if kind.option(k).names_run and v != kind.option(k).default)
+    return str(PRMSpec(parsed.kind, parsed.target, named))
+
+
+def flag_options() -> dict[str, Option]:
+    """Every option of every kind, by name: the CLI makes one --prm-NAME flag of each (the first
+    kind's help and type; options of one name share their meaning across kinds)."""
+    out: dict[str, Option] = {}
+    for k in kinds().values():
+        for o in k.options:
+            out.setdefault(o.name, o)
+    return out
+
+
+def owners(name: str) -> list[str]:
+    return [k.name for k in kinds().values() if any(o.name == name for o in k.options)]
 
 
 # -- shared checks -------------------------------------------------------------------------------
@@ -315,11 +335,13 @@ def check_target(spec: PRMSpec) -> None:
 
 
 # Options most model kinds share (each kind lists the ones it takes).
-DEVICE = Option("device", str, None, "torch device of an in-process PRM (cpu, cuda, cuda:N; default: cuda when there is one)")
+DEVICE = Option("device", str, None, "torch device of an in-process PRM (cpu, cuda, cuda:N; default: cuda when there is one)",
+                names_run=False)
 DTYPE = Option("dtype", str, None, "weights' dtype of an in-process PRM (default: the checkpoint's)",
                ("float32", "bfloat16", "float16", None))
-BATCH_SIZE = Option("batch_size", int, 8, "paths per forward (in-process) or per request (served)")
-BATCH_TOKENS = Option("batch_tokens", int, None, "cap on padded tokens per forward (in-process; default: none)")
+BATCH_SIZE = Option("batch_size", int, 8, "paths per forward (in-process) or per request (served)", names_run=False)
+BATCH_TOKENS = Option("batch_tokens", int, None, "cap on padded tokens per forward (in-process; default: none)",
+                      names_run=False)
 MODEL = Option("model", str, None, "the served model's name (default: the server's only model)")
 SYSTEM = Option("system", str, None, "system prompt (default: the model card's)")
 TRUST_REMOTE_CODE = Option("trust_remote_code", bool, False, "run the checkpoint's own modeling code (only where a kind needs it)")
