@@ -160,7 +160,9 @@ def load_policy(path: str | None = None, device=None, kv_capacity: int | None = 
     # a GGUF file is dequantized once into a cached transformers folder (ets.models)
     folder = gguf_model_dir(src) if src.suffix == ".gguf" else src
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # never a hub
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    from ets.prm.loading import strict_pretrained  # a weight the folder lacks is an error, never random
+
+    model = strict_pretrained(AutoModelForCausalLM, folder, dtype=dtype)
     policy = HFPolicy(model, tok, device=dev, kv_capacity=kv_capacity, **kw)
     policy.name = f"hf:{src.name}"
     return policy

@@ -39,6 +39,10 @@ class PrefixCache:
         self._d: OrderedDict[tuple, float] = OrderedDict()
         self.hits = self.misses = 0
 
+    def get(self, key: tuple) -> float | None:
+        """The cached score of the last step of the prefix `key` = (question, steps), or None."""
+        return self._get(key)
+
     def _get(self, key: tuple) -> float | None:
         if key in self._d:
             self._d.move_to_end(key)

@@ -29,7 +29,8 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, quote
 
 KIND_MODULES = ("ets.prm.default", "ets.prm.mock", "ets.prm.reference", "ets.prm.learned",
-                "ets.prm.math_shepherd", "ets.prm.qwen_prm")
+                "ets.prm.math_shepherd", "ets.prm.qwen_prm", "ets.prm.skywork",
+                "ets.prm.rlhflow", "ets.prm.judge", "ets.prm.orm")
 ENTRY_POINT_GROUP = "ets.prm_kinds"
 
 
@@ -345,3 +346,21 @@ BATCH_TOKENS = Option("batch_tokens", int, None, "cap on padded tokens per forwa
 MODEL = Option("model", str, None, "the served model's name (default: the server's only model)")
 SYSTEM = Option("system", str, None, "system prompt (default: the model card's)")
 TRUST_REMOTE_CODE = Option("trust_remote_code", bool, False, "run the checkpoint's own modeling code (only where a kind needs it)")
+
+
+def markdown_table() -> str:
+    """docs/prms.md's table, from the registry itself (`ets prms --markdown`; a test keeps the
+    committed page equal to it)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| kind | spec | input format and score | in-process | served | options | tested |",
+             "|---|---|---|---|---|---|---|"]
+    for k in kinds().values():
+        forms = {"none": f"`{k.name}`", "path": f"`{k.name}:PATH`", "url": f"`{k.name}:URL`"}
+        spec = ", ".join(forms[t] for t in k.targets)
+        inproc = "yes" if "path" in k.targets else "yes (no model)" if "none" in k.targets else "no"
+        served = k.served_by or "-"
+        opts = ", ".join(f"`{o.name}`" for o in k.options) or "-"
+        lines.append(f"| {k.name} | {spec} | {cell(k.summary)} | {inproc} | {cell(served)} | {opts} | {cell(k.tested)} |")
+    return "\n".join(lines)
