@@ -16,7 +16,7 @@ from ets.strategies.rebase import rebase_allocate
 
 from helpers import run_mock, tree_from_parents
 
-ALL = ["best_of_n", "beam", "dvts", "rebase", "ets"]
+ALL = ["best_of_n", "beam", "dvts", "rebase", "ets", "particle_filter"]
 
 
 def test_registry_has_the_five():

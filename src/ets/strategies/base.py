@@ -80,6 +80,9 @@ def build_strategy(cfg, embedder=None) -> Strategy:
     """A fresh strategy for one problem, from a SearchConfig."""
     cls = STRATEGIES[cfg.strategy]
     conf = cfg.strategy_config()
+    extra = {}
     if getattr(cls, "needs_embedder", False):
-        return cls(conf, cfg.width, embedder=embedder)
-    return cls(conf, cfg.width)
+        extra["embedder"] = embedder
+    if getattr(cls, "needs_seed", False):  # a strategy that draws at random does so from the run's seed
+        extra["seed"] = cfg.seed
+    return cls(conf, cfg.width, **extra)
