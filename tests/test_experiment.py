@@ -375,7 +375,9 @@ def test_every_campaign_stage_is_a_valid_compare_command():
         assert argv[:2] == ["ets", "compare"], name
         for spec in a.methods:
             parse_method(spec)
+        from ets.prm import registry
+
         for prm in a.prm.split(","):
-            kind, _, path = prm.partition(":")
-            assert kind in ("default", "learned"), name
-            assert not path or (root / path).is_file(), f"{name}: {path} is not in the repository"
+            spec = registry.parse(prm)  # a spec the registry takes, its options typed
+            assert spec.kind in ("default", "learned", "reference"), name
+            assert spec.target is None or (root / spec.target).is_file(), f"{name}: {spec.target} is not in the repository"

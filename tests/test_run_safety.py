@@ -171,3 +171,57 @@ def test_default_prm_on_a_long_chain_is_bounded():
     check_arithmetic(chain)
     check_arithmetic(deep)  # deeper than Python's parser allows: no crash
     assert time.monotonic() - t < 2.0
+
+
+HOLDER = r'''
+import json, os, sys, time
+path = sys.argv[1]
+with open(path, "w") as f:  # a claim as another host's ets writes it
+    json.dump({"pid": 1, "host": "elsewhere", "start": None, "time": time.time(), "heartbeat": 0.1}, f)
+print("held", flush=True)
+while True:  # its heartbeat
+    os.utime(path)
+    time.sleep(0.1)
+'''
+
+
+def test_a_dead_hosts_claim_is_taken_over_once_its_heartbeat_stops(tmp_path, monkeypatch):
+    import subprocess
+
+    from ets import runs
+
+    monkeypatch.setattr(runs, "HEARTBEAT_STALE_S", 1.0)
+    run = RunDir(tmp_path / "run")
+    path = run.claim_path("p1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        while time.time() - t0 < 2.5:  # alive and beating: never taken over
+            assert not run.claim("p1")
+            time.sleep(0.2)
+        assert run.claimed_elsewhere["p1"]["host"] == "elsewhere"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    t0 = time.time()
+    while not run.claim("p1"):  # the host died: its claim goes stale within HEARTBEAT_STALE_S
+        assert time.time() - t0 < 5, "the dead host's claim was not taken over"
+        time.sleep(0.1)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_a_holder_keeps_its_claims_alive(tmp_path, monkeypatch):
+    from ets import runs
+
+    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(runs, "_HEARTBEAT", runs._Heartbeat())  # one whose thread sleeps 0.1 s
+    run = RunDir(tmp_path / "run")
+    assert run.claim("p1")
+    path = run.claim_path("p1")
+    os.utime(path, (0, 0))  # as if untouched since 1970
+    time.sleep(0.5)
+    assert time.time() - path.stat().st_mtime < 1.0  # the heartbeat touched it
+    run.release("p1")
+    assert not path.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
 
 import pytest
@@ -328,6 +329,15 @@ def test_serve_command_env_and_startup_failure(tmp_path, monkeypatch):
     # holds a whole max_model_len prompt
     assert "--no-enable-chunked-prefill" in cmd
     assert cmd[cmd.index("--max-num-batched-tokens") + 1] == cmd[cmd.index("--max-model-len") + 1] == "4096"
+    # a CUDA build gets none of the CPU build's workarounds, nor its environment
+    gpu = serve.vllm_command("/v/bin/python", "/m", 8123, build=serve.CUDA)
+    assert "--enable-prefix-caching" in gpu and "--dtype" not in gpu
+    for flag in ("--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens"):
+        assert flag not in gpu
+    assert serve.vllm_env(3, build=serve.CUDA) == dict(os.environ)
+    # a PRM (pooling) server gets no prefix caching, which vLLM does not support for pooling models
+    assert "--enable-prefix-caching" not in serve.vllm_command("p", "/m", 1, extra_args=["--runner", "pooling"])
+    assert serve.vllm_build(tmp_path / "missing" / "python") == serve.CPU
     cmd16 = serve.vllm_command("p", "/m", 1, dtype="float16")
     assert cmd16[cmd16.index("--dtype") + 1] == "float16"
     assert serve.cpu_dtype("fpu avx2 fma") == "float32"

@@ -144,12 +144,106 @@ def _check_writable_dir(path: Path, flag: str) -> None:
         raise BadInput(f"{flag} {path}: {probe} is not writable; choose another directory")
 
 
+# Upper bounds of the sizes a user sets. Past them a run cannot be done on any machine this is
+# for (a width-10^9 tree grows memory by ~20 MB/s and never gets to its first step), and a typo
+# of a few zeros should say so at once instead of filling memory. flag -> (attribute, bound, why).
+SIZE_LIMITS = {
+    "--width": ("width", 4096, "the tree of one problem holds W paths at once; 4096 already needs "
+                "thousands of sequences in flight"),
+    "--max-tokens": ("max_tokens", 1 << 20, "tokens of one trajectory; no model's context is longer"),
+    "--max-step-tokens": ("max_step_tokens", 1 << 20, "tokens of one step; no model's context is longer"),
+    "--max-depth": ("max_depth", 100_000, "steps of one trajectory"),
+    "--concurrency": ("concurrency", 4096, "problems in flight at once, each with its own tree"),
+    "--kv-block-size": ("kv_block_size", 4096, "tokens per KV block"),
+    "--kv-capacity": ("kv_capacity", 1 << 36, "KV tokens of the embedded engine"),
+    "--max-requests": ("max_requests", 65_536, "HTTP requests in flight per server (each a socket)"),
+    "--threads": ("threads", 4096, "torch threads"),
+    "--samples": ("samples", 4096, "rollouts per problem"),
+}
+
+
+def check_sizes(a, widths=None) -> None:
+    """Every size flag set on `a` (and each of `widths`) within its SIZE_LIMITS bound."""
+    for flag, (attr, bound, why) in SIZE_LIMITS.items():
+        values = widths if attr == "width" and widths is not None else [getattr(a, attr, None)]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and v > bound:
+                shown = "--widths" if widths is not None and attr == "width" else flag
+                raise BadInput(f"{shown} {v}: at most {bound} ({why}); give a smaller number")
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma list of integers as given to `flag`: every entry a number, none empty."""
+    parts = [x.strip() for x in str(text).split(",")]
+    if any(not x for x in parts):
+        raise BadInput(f"{flag} {text!r}: an empty entry; give integers separated by single commas (e.g. 4,8)")
+    out = []
+    for x in parts:
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise BadInput(f"{flag} {text!r}: {x!r} is not an integer") from None
+    return out
+
+
+def flag_values(argv, flag: str) -> list[str]:
+    """The raw values `flag` was given in `argv` (`FLAG V` or `FLAG=V`), in order."""
+    argv, out = list(argv or []), []
+    for i, x in enumerate(argv):
+        if x == flag and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif x.startswith(flag + "="):
+            out.append(x[len(flag) + 1:])
+    return out
+
+
+def check_method(method) -> None:
+    """A parsed `--methods` entry (ets.experiment.Method): every parameter of a numeric field
+    given a finite number (of the right kind)."""
+    import typing
+    from dataclasses import fields
+
+    from ets.strategies import STRATEGIES
+
+    cls = STRATEGIES[method.strategy].Config
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for k, v in method.params.items():
+        t = hints.get(k) if k in names else None
+        if t not in (int, float, int | None, float | None):
+            continue
+        if v is None and t in (int | None, float | None):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadInput(f"--methods {method.label}: {k}={v!r} is not a number; give e.g. {k}=1")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadInput(f"--methods {method.label}: {k}={v!r} is not a finite number")
+        if t in (int, int | None) and isinstance(v, float) and not v.is_integer():
+            raise BadInput(f"--methods {method.label}: {k}={v!r} is not an integer")
+
+
+def validate_compare_args(a, prm_specs, widths) -> None:
+    """`ets compare`'s checks before anything is made: the policy, every PRM spec of the comma
+    list, every width, the sizes (as `ets run`'s) and --runs-dir."""
+    _check_policy(a.policy)
+    for spec in prm_specs:
+        _check_prm(spec)
+    check_sizes(a, widths)
+    _check_writable_dir(Path(a.runs_dir), "--runs-dir")
+
+
 def validate_run_args(a) -> None:
     """Every check that needs no model and no network, so bad input fails before anything is
     made: --policy/--prm specs (URLs well formed; local models exist with a readable
-    config.json), --runs-dir writable, --resume an existing run directory, --device."""
+    config.json), sizes within SIZE_LIMITS, --runs-dir writable, --resume an existing run
+    directory, --device."""
     _check_policy(a.policy)
     _check_prm(a.prm)
+    check_sizes(a)
+    tok = getattr(a, "tokenizer", None)
+    if tok is not None and not (Path(tok).expanduser() / "tokenizer_config.json").is_file():
+        raise BadInput(f"--tokenizer {tok}: no tokenizer folder there (no tokenizer_config.json); give the local "
+                       "folder of the served model's tokenizer")
     _check_writable_dir(Path(a.runs_dir), "--runs-dir")
     resume = getattr(a, "resume", None)
     if resume is not None:

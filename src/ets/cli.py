@@ -1,4 +1,5 @@
-"""`ets` command line: run | compare | score | view | info | serve | train-prm (see docs/harness.md).
+"""`ets` command line: run | compare | score | worth | pair | prms | view | info | serve | api | train-prm
+(see docs/harness.md).
 
 Flags mirror the frozen config dataclasses (SamplingConfig, SearchConfig + strategy configs,
 RunConfig); every value is validated by them before any problem starts. Exit status: 0 all
@@ -119,6 +120,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "their options; default: the offline default PRM); compare: several, comma-separated, each run "
                    "on the same problems")
     _add_prm_flags(g)
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a served policy's tokenizer folder (default: the served model's folder, as `ets serve` serves it)")
+    g.add_argument("--prompt-template", default="spec", metavar="NAME",
+                   help="how a problem is asked (ets.tasks.prompts): spec (default: the question and the \\boxed{} "
+                        "instruction), qwen-math (Qwen2.5-Math's system prompt), sal-llama3 (search-and-learn's Llama-3 "
+                        "step-by-step system prompt)")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system turn before every question (replaces the template's; names the run)")
     g.add_argument("--embedder", default="minilm",
                    help=f"ETS clustering embedder: {' | '.join(EMBEDDERS)} (default minilm)")
     g.add_argument("--device", default=None, help="device for embedded models (e.g. cpu, cuda)")
@@ -166,10 +175,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ets", description="Tree search against a process reward model (ETS and baselines).")
-    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,worth,view,info,serve,train-prm}")
+    sub = p.add_subparsers(dest="cmd", metavar="{run,compare,score,worth,pair,prms,view,info,serve,api,train-prm}")
     r = sub.add_parser("run", help="search a set of problems with one method (default: ETS, W=4, 2 GSM8K problems, "
                                    "256 tokens per trajectory: the few-minute CPU job)")
-    r.add_argument("--strategy", default="ets", help="ets | rebase | beam | dvts | best_of_n (default ets)")
+    from ets.strategies import STRATEGIES
+
+    r.add_argument("--strategy", default="ets", help=f"{' | '.join(STRATEGIES)} (default ets)")
     r.add_argument("--width", type=int, default=4, help="width W (default 4)")
     r.add_argument("--resume", default=None, metavar="DIR", help="resume this run directory")
     _add_common(r)
@@ -214,9 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--agg", default="last", choices=AGGREGATIONS, help="without --prm: step-score aggregation")
     w.add_argument("--out", default=None, help="markdown file to write (FILE.json beside it)")
     w.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    k = sub.add_parser("prms", help="the PRM kinds --prm takes (ets.prm.registry), with their input formats and options")
+    k.add_argument("--markdown", action="store_true", help="the table of docs/prms.md")
     i = sub.add_parser("info", help="versions, device, models found")
     i.add_argument("--json", action="store_true")
+    sub.add_parser("pair", help="pair rows of results files on their common problems: accuracy with the paired "
+                                "interval, KV ratio (ets.report.pairing)", add_help=False)
     sub.add_parser("serve", help="start the serving front end (ets.serve)", add_help=False)
+    sub.add_parser("api", help="an OpenAI-compatible server whose models are search configurations (ets.api)",
+                   add_help=False)
     t = sub.add_parser("train-prm", help="learn a PRM from the policy's own best-of-N rollouts on GSM8K train "
                                          "(resumable run directory; --prm learned:FILE uses it; ets.prm.train)")
     _add_common(t)
@@ -234,9 +251,39 @@ def run_config(a) -> "RunConfig":
     return RunConfig(dataset=a.dataset, question_field=a.question_field, answer_field=a.answer_field,
                      id_field=a.id_field, limit=a.limit or None, offset=a.offset, ids=tuple(a.ids or ()),
                      policy=a.policy, prm=prm_specs(a, strict=a.cmd != "compare"), embedder=a.embedder,
-                     concurrency=a.concurrency,
+                     tokenizer=a.tokenizer, system_prompt=system_prompt(a), concurrency=a.concurrency,
                      kv_capacity=a.kv_capacity, runs_dir=a.runs_dir, vote=a.vote, agg=a.agg,
                      admit_until=getattr(a, "admit_until", None))
+
+
+def system_prompt(a) -> str | None:
+    """--system-prompt, else the --prompt-template's system turn (None: none)."""
+    from ets.tasks.prompts import preset
+
+    return a.system_prompt if a.system_prompt is not None else preset(a.prompt_template).system
+
+
+def asked_as(a, task):
+    """`task` with its problems asked as --prompt-template says (ets.tasks.prompts)."""
+    from ets.tasks.prompts import preset
+
+    return preset(a.prompt_template).apply(task)
+
+
+def with_policy_identity(rc, policy):
+    """`rc` naming its runs by the model `policy` samples from (a served policy's
+    model_identity(): id, root, tokenizer hash), not by where it is served."""
+    from dataclasses import replace
+
+    from ets.http import ServerError
+
+    ident = getattr(policy, "model_identity", None)
+    if not callable(ident):
+        return rc
+    try:
+        return replace(rc, policy_identity=ident())
+    except ServerError:  # the server cannot say what it serves: named by URL, as runs were before
+        return rc        # (the problems then fail with the server's own message, and a rerun adopts the run)
 
 
 def strategy_params(a, strategy: str, strict: bool) -> dict:
@@ -290,6 +337,10 @@ def _models(a, rc):
     timeout = getattr(a, "request_timeout", None)
     if timeout is not None:
         opts["timeout_s"] = timeout
+    if rc.tokenizer is not None:
+        opts["tokenizer_path"] = rc.tokenizer
+    if rc.system_prompt is not None:
+        opts["system_prompt"] = rc.system_prompt
     if getattr(a, "max_requests", None) is not None:
         if a.max_requests < 1:
             raise BadInput(f"--max-requests {a.max_requests}: give a number >= 1")
@@ -384,18 +435,11 @@ def _fmt_summary(s: dict) -> str:
 
 
 def _report_failures(failures) -> int:
-    # failures because every server is down share one cause: one message for all of them
-    down = [f for f in failures if "ServerDown:" in f.message]
-    for f in failures:
-        if f not in down:
-            print(f"error: {f.message}", file=sys.stderr)
-    if down:
-        why = down[0].message.split("ServerDown:", 1)[1].split("\n", 1)[0].strip()
-        print(f"error: {why}\n  {len(down)} problem(s) not finished because of it: "
-              f"{', '.join(f.problem_id for f in down[:5])}{' ...' if len(down) > 5 else ''}", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} problem(s) failed; the others are saved. Run the same command again to "
-              "retry only the missing ones.", file=sys.stderr)
+    # one message per cause (every server down, a server-wide failure): ets.runner.failure_report
+    from ets.runner import failure_report
+
+    for text in failure_report(failures):
+        print(text, file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -411,10 +455,12 @@ def cmd_run(a) -> int:
     validate_run_args(a)
     task, problems = load_dataset(rc.dataset, rc.limit, rc.offset, rc.ids or None, rc.question_field,
                                   rc.answer_field, rc.id_field)
+    task = asked_as(a, task)
     if not problems:
         raise BadInput(f"--offset {rc.offset}: no problems left to run in {rc.dataset}; lower --offset")
     models = _models(a, rc)  # before the run directory exists: a model that cannot load leaves nothing
-    run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
+    rc = with_policy_identity(rc, models[0])
+    run = rc.run_dir(cfg, task.to_dict(), resume=a.resume)
     print(f"run directory: {run.path}  ({len(problems)} problems, "
           f"{sum(run.is_done(p.id) for p in problems)} already done)", file=sys.stderr)
     try:
@@ -448,10 +494,21 @@ def cmd_compare(a) -> int:
 
     rc = run_config(a)
     methods = [parse_method(s) for s in a.methods]
+    # up front, before anything is loaded or made: every method, width and PRM spec
+    from ets.checks import check_method, flag_values, int_list, validate_compare_args
+
+    for raw in flag_values(getattr(a, "argv", None), "--widths"):
+        int_list(raw, "--widths")  # "4,,8" is an error, not 4,8
+    for m in methods:
+        check_method(m)
+    validate_compare_args(a, list(dict.fromkeys(_csv(rc.prm))), a.widths)
 
     def make_cfg(m, w):  # the CLI's flags as `ets run` applies them, then the spec's own parameters
         cfg = search_config(a, m.strategy, w, strict=False)
-        return replace(cfg, strategy_params={**dict(cfg.strategy_params), **m.params})
+        try:
+            return replace(cfg, strategy_params={**dict(cfg.strategy_params), **m.params})
+        except TypeError as e:  # a parameter of the wrong kind that check_method does not know
+            raise BadInput(f"--methods {m.label}: {e}") from None
 
     given = [k for k in strategy_options() if getattr(a, k) is not None]
     unused = [k for k in given if not any(k in dict(make_cfg(m, w).strategy_params) for m in methods
@@ -462,6 +519,9 @@ def cmd_compare(a) -> int:
     datasets, prm_specs = list(dict.fromkeys(_csv(rc.dataset))), list(dict.fromkeys(_csv(rc.prm)))
     data = {d: load_dataset(d, rc.limit, rc.offset, rc.ids or None, rc.question_field, rc.answer_field, rc.id_field)
             for d in datasets}
+    data = {d: (asked_as(a, task), problems) for d, (task, problems) in data.items()}
+    models = _models(a, replace(rc, prm=prm_specs[0]))  # before any run directory: a model that cannot load leaves nothing
+    rc = with_policy_identity(rc, models[0])
     rcs = [replace(rc, dataset=d, prm=p) for d in datasets for p in prm_specs]
     loaded = [data[r.dataset] for r in rcs]
     arms = plan(rcs, loaded, methods, a.widths, make_cfg)
@@ -483,7 +543,7 @@ def cmd_compare(a) -> int:
             finally:
                 await _close(*(m for spec, m in prms.items() if spec != prm_specs[0]))
 
-        failures = _execute(work, a, replace(rc, prm=prm_specs[0]))
+        failures = _execute(work, a, replace(rc, prm=prm_specs[0]), models=models)
     finally:
         for arm in arms:
             write_summary(arm.run, [p.id for p in arm.problems])
@@ -506,7 +566,7 @@ def cmd_compare(a) -> int:
                          "of a problem in turn; throughput from chunked sessions only"},
             "methods": a.methods, "widths": a.widths, "run_dirs": [str(arm.run.path) for arm in arms]}
     text = record.write_report(out, rows, meta, _analyses(shown, ids, a.note, rc.agg))
-    files = [out / f for f in record_plots(rows, out, f"{rc.dataset}, {rc.policy}")] if rows else []
+    files = [out / f for f in record_plots(rows, out, safe(f"{rc.dataset}, {rc.policy}"))] if rows else []
     plot_path = Path(a.plot) if a.plot else out / "widths.png"
     if plot_path.is_dir():  # --plot DIR: the plot goes inside it, and the path printed says where
         plot_path = plot_path / "widths.png"
@@ -574,6 +634,21 @@ def cmd_score(a) -> int:
     return 0
 
 
+def cmd_prms(a) -> int:
+    from ets.prm import registry
+
+    if a.markdown:
+        print(registry.markdown_table())
+        return 0
+    for k in registry.kinds().values():
+        forms = {"none": k.name, "path": f"{k.name}:PATH", "url": f"{k.name}:URL"}
+        print(f"{' | '.join(forms[t] for t in k.targets)}\n    {k.summary}")
+        for o in k.options:
+            print(f"    ?{o.name}=  {o.help} (default {o.default!r})")
+    print("\nA bare http(s):// URL is qwen-prm:URL. Options also as --prm-NAME flags. docs/prms.md has the table.")
+    return 0
+
+
 def cmd_worth(a) -> int:
     from ets.runs import RunDir, atomic_write_text
 
@@ -590,6 +665,12 @@ def cmd_worth(a) -> int:
             ids = [r["id"] for r in RunDir(a.run_dir).iter_problems()][: a.limit]
         rows = [run_worth(a.run_dir, agg=a.agg, ids=ids)]
         text = f"### {rows[0]['run']} (agg {a.agg})\n\n{worth_markdown(rows[0])}\n"
+        if RunDir(a.run_dir).config()["identity"]["search"]["strategy"] == "best_of_n":
+            from ets.report.subsample import subsample_markdown, subsampled_accuracy
+
+            recs = [r for r in RunDir(a.run_dir).iter_problems() if ids is None or r["id"] in ids]
+            rows[0]["best_of_n_curve"] = curve = subsampled_accuracy(recs, agg=a.agg)
+            text += "\n" + subsample_markdown(curve) + "\n"
     else:
         from ets.factory import make_prm
         from ets.report.rescore import rescore_markdown, worth_of
@@ -695,21 +776,34 @@ def _default_model_cached():
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "pair":
+        from ets.report.pairing import main as pair_main
+
+        return pair_main(argv[1:]) or 0
     if argv and argv[0] == "serve":
         from ets.serve import main as serve_main  # written elsewhere; imported only when asked for
 
         return serve_main(argv[1:]) or 0
-    parser = build_parser()
-    a = parser.parse_args(argv or ["run"])
-    if a.cmd is None:
-        a = parser.parse_args(["run"])
-    a.argv = argv
-    verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info,
-             "train-prm": cmd_train_prm, "worth": cmd_worth}
-    from ets.factory import SpecError
-    from ets.models import ModelNotFound
-    from ets.runs import RunMismatch
-    from ets.tasks import DatasetError
+    if argv and argv[0] == "api":
+        from ets.api import main as api_main  # the OpenAI-compatible search server (ets.api)
+
+        return api_main(argv[1:]) or 0
+    try:  # start-up (imports, parsing): Ctrl-C here has nothing to save and gets no traceback
+        parser = build_parser()
+        a = parser.parse_args(argv or ["run"])
+        if a.cmd is None:
+            a = parser.parse_args(["run"])
+        a.argv = argv
+        verbs = {"run": cmd_run, "compare": cmd_compare, "score": cmd_score, "view": cmd_view, "info": cmd_info,
+                 "train-prm": cmd_train_prm, "worth": cmd_worth, "prms": cmd_prms}
+        from ets.factory import SpecError
+        from ets.http import ServerError
+        from ets.models import ModelNotFound
+        from ets.runs import RunMismatch
+        from ets.tasks import DatasetError
+    except KeyboardInterrupt:
+        print("\ninterrupted while starting: nothing was run.", file=sys.stderr)
+        return 130
 
     previous = _sigterm_as_interrupt()
     previous_usr1 = _sigusr1_closes_admission()
@@ -724,8 +818,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a file or directory that cannot be read or written
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; check that the path exists and is writable", file=sys.stderr)
+        print(safe(f"error: {where}{e.strerror or e}; check that the path exists and is writable"), file=sys.stderr)
         return 2
+    except ServerError as e:  # a server failed outside any one problem (e.g. while the models are built)
+        from ets.http import FIX_HINT
+
+        msg = " ".join(str(e).split())
+        print(safe(f"error: {msg}" if FIX_HINT in msg else f"error: {msg}; {e.hint}"), file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -121,7 +121,7 @@ def plan(rcs: list[RunConfig], loaded: list[tuple[Task, list[Problem]]], methods
         for m in methods:
             for w in widths:
                 cfg = make_cfg(m, w)
-                run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict())
+                run = rc.run_dir(cfg, task.to_dict())
                 arms.append(Arm(m, w, rc.dataset if several_data else "", cfg, run, task, problems,
                                 rc.prm if several_prms else ""))
     return arms

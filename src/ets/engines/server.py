@@ -19,8 +19,16 @@ Contract (on top of `Policy`'s):
   exponential backoff, bounded in count; then the problem fails with a ServerError naming the
   URL and the fix. Other HTTP errors fail at once with the server's message.
 - Timeouts follow the work: a request for `max_step_tokens` tokens may take
-  `request_timeout(max_step_tokens)` seconds (or `timeout_s` when given: `--request-timeout`).
-  A request still waiting after `stall_report_s` is reported on stderr (server, seconds waited).
+  `request_timeout(max_step_tokens)` seconds (or `timeout_s` when given: `--request-timeout`),
+  as a whole: connect, send and the full answer (ets.http.within). A request still waiting
+  after `stall_report_s` is reported on stderr (server, seconds waited).
+- The served model's name (`model=None`) is asked from GET /v1/models once per server per run,
+  with the same deadline (`request_timeout(0)`), retries and health bookkeeping as every other
+  request; its answer, or its failure, is kept for the rest of the run (problems behind a hung
+  lookup do not each wait for their own).
+- Answers are checked before use: a list of choices with the samples asked for, each with
+  integer token ids in [0, vocabulary size) (the local tokenizer's, when one is loaded); anything
+  else fails the problem with BadAnswer naming the server and what was wrong.
 - Health: `down_after` consecutive connection failures (refused, reset, dropped mid-answer), or
   one timeout after which the server does not answer GET /health within a few seconds (hung),
   mark a server down for the rest of the run: no request goes to it again. A problem on a down
@@ -36,6 +44,7 @@ Contract (on top of `Policy`'s):
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -46,8 +55,8 @@ import httpx
 
 from ets.engines.sampling import SamplingConfig
 # the HTTP layer is shared with the served PRM; its public names stay importable from here
-from ets.http import (FIX_HINT, Health, ServerDown, ServerError, _report, redact_url,  # noqa: F401
-                      request_timeout, request_with_retries, split_urls)
+from ets.http import (FIX_HINT, BadAnswer, Health, ServerDown, ServerError, _report, redact_url,  # noqa: F401
+                      one_line, request_timeout, request_with_retries, run_blocking, split_urls, within)
 from ets.engines.base import DELIMITER, EOS, LENGTH, Expansion, Policy, Step, node_seed
 from ets.engines.server_metrics import SGLANG, VLLM, Monitor
 from ets.tree import Node
@@ -61,6 +70,8 @@ class _Server:
     problems: int = 0  # problems routed here and not finished
     health: Health | None = None  # down: no request goes there again in this run
     model: str | None = None
+    root: str | None = None  # what /v1/models gives as the model's root (vLLM: the weights it loaded)
+    model_error: ServerError | None = None  # the /v1/models lookup failed: kept for the run
     monitor: Monitor | None = None
     counters: dict = field(default_factory=lambda: {"requests": 0, "retries": 0, "failures": 0,
                                                     "prompt_tokens": 0, "completion_tokens": 0,
@@ -159,14 +170,79 @@ class ServerPolicy(Policy):
         # The template already holds any BOS it wants: add no special tokens a second time.
         return list(tok(text, add_special_tokens=False)["input_ids"]), text
 
-    def _model_name_sync(self, server: _Server) -> str:
+    def model_identity(self) -> dict:
+        """What names a run made with this policy (ets.runner.RunConfig.identity): the model, not
+        where it is served. The first server's model id and root (from /v1/models), and a hash
+        of the tokenizer's vocabulary and chat template (what turns a question into token ids)
+        and of the system prompt. The same model on another port gives the same identity; another
+        model on the same URL does not. Every server of a policy must serve the same model."""
+        import hashlib
+        import json
+
+        names = {self._model_name_sync(s) for s in self.servers}
+        if len(names) > 1:
+            raise ValueError(f"the --policy servers serve different models ({sorted(names)}): one policy, one model")
         try:
-            r = httpx.get(f"{server.url}/v1/models", timeout=30)
-            r.raise_for_status()
-            return r.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as e:
-            raise ServerError(f"{redact_url(server.url)}/v1/models did not name a model "
-                              f"({redact_url(e)}). {FIX_HINT}") from e
+            tok = self._tokenizer()
+        except (ValueError, OSError):  # no local tokenizer: format_prompt will say so; the id still names it
+            digest = None
+        else:
+            vocab = sorted(tok.get_vocab().items())
+            digest = hashlib.sha256(json.dumps([vocab, getattr(tok, "chat_template", None) or "",
+                                                self.system_prompt]).encode()).hexdigest()[:16]
+        server = self.servers[0]
+        return {"served": Path(names.pop().rstrip("/")).name, "root": Path(str(server.root or "").rstrip("/")).name or None,
+                "tokenizer": digest}
+
+    def _model_name_sync(self, server: _Server) -> str:
+        """The served model's name from synchronous code (the tokenizer, a learned PRM's check):
+        the same lookup as `_model_name`, sharing its cache, run to its end on a private loop."""
+        if self.model is not None:
+            return self.model
+        if server.model is None and server.model_error is None:
+            async def go():
+                async with httpx.AsyncClient() as client:
+                    return await self._lookup(server, client)
+            try:
+                run_blocking(go)
+            except ServerError:
+                pass  # kept in server.model_error (a ServerDown: the server's health says so)
+        return self._model_or_raise(server)
+
+    async def _lookup(self, server: _Server, client: httpx.AsyncClient) -> None:
+        """GET /v1/models once: server.model, or server.model_error (kept for the run)."""
+        try:
+            body = await request_with_retries(
+                client, "GET", f"{server.url}/v1/models", retries=self.retries, backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s, timeout_s=request_timeout(0, self.timeout_s),
+                counters=server.counters, health=server.health, stall_report_s=self.stall_report_s)
+        except ServerDown:
+            raise  # the health says so for the rest of the run; problems move to a live server
+        except ServerError as e:
+            server.model_error = e
+            raise
+        try:
+            name = body["data"][0]["id"]
+            if not isinstance(name, str) or not name:
+                raise TypeError("not a name")
+        except (KeyError, IndexError, TypeError) as e:
+            server.model_error = BadAnswer(
+                f"{server.url}/v1/models did not name a model ({one_line(body, 200)}): is it an "
+                "OpenAI-compatible server (vLLM)? Or pass the model's name explicitly")
+            raise server.model_error from e
+        server.model = name
+        root = body["data"][0].get("root")
+        server.root = root if isinstance(root, str) else None
+
+    def _model_or_raise(self, server: _Server) -> str:
+        if server.model is not None:
+            return server.model
+        if server.down:
+            raise server.health.error()
+        err = server.model_error or ServerError(f"{server.url}/v1/models gave no model name")
+        copy = type(err)(str(err))  # each problem gets its own exception (and traceback)
+        copy.hint = err.hint
+        raise copy
 
     # ---- event-loop bound resources ---------------------------------------------------------
 
@@ -179,12 +255,14 @@ class ServerPolicy(Policy):
         self._loop = loop
         self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
         self._sems = {s.url: asyncio.Semaphore(self.max_concurrency) for s in self.servers}
+        self._lookups = {s.url: asyncio.Lock() for s in self.servers}
         for s in self.servers:
             if self.measure:
                 s.monitor = Monitor(f"{s.url}/metrics", self.flavour, self.metrics_interval_s, self._get_text)
 
     async def _get_text(self, url: str) -> str:
-        r = await self._client.get(url, timeout=min(10.0, self.timeout_s or 10.0))
+        timeout = min(10.0, self.timeout_s or 10.0)
+        r = await within(self._client.get(url, timeout=timeout), timeout)
         r.raise_for_status()
         return r.text
 
@@ -199,16 +277,21 @@ class ServerPolicy(Policy):
                 health=server.health, stall_report_s=self.stall_report_s)
 
     async def _model_name(self, server: _Server) -> str | None:
+        """The model `server` serves (vLLM: asked once per server per run, see _lookup)."""
         if self.model is not None:
             return self.model
-        if server.model is None and self.flavour == VLLM:
-            body = await self._request(server, "GET", "/v1/models")
-            try:
-                server.model = body["data"][0]["id"]
-            except (KeyError, IndexError, TypeError) as e:
-                raise ServerError(f"{redact_url(server.url)}/v1/models did not name a model: "
-                                  f"{str(body)[:200]}") from e
-        return server.model
+        if self.flavour != VLLM:
+            return server.model
+        if server.model is None and server.model_error is None:
+            async with self._lookups[server.url]:  # one lookup at a time: the others wait for its answer
+                if server.model is None and server.model_error is None and not server.down:
+                    async with self._sems[server.url]:
+                        server.counters["requests"] += 1
+                        try:
+                            await self._lookup(server, self._client)
+                        except ServerError:
+                            pass  # kept in server.model_error, or the server is down
+        return self._model_or_raise(server)
 
     # ---- routing ------------------------------------------------------------------------
 
@@ -350,7 +433,8 @@ class ServerPolicy(Policy):
             body = await self._request(server, "POST", "/generate", payload, sampling.max_step_tokens)
             steps = self._parse_sglang(server, body, sampling, len(ids))
         if len(steps) != n:
-            raise ServerError(f"{server.url} returned {len(steps)} samples for node {node.id}, asked for {n}")
+            raise BadAnswer(f"{server.url} returned {len(steps)} samples for a node, asked for {n}: is it a "
+                            "vLLM/SGLang server honouring `n`? (restart it, or drop it from --policy)")
         return steps
 
     async def _prefill(self, server: _Server, ids: list[int], model: str | None) -> None:
@@ -365,16 +449,51 @@ class ServerPolicy(Policy):
         server.counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
         server.counters["prefill_requests"] = server.counters.get("prefill_requests", 0) + 1
 
+    def _vocab(self) -> int | None:
+        """Token ids the local tokenizer knows (None: no tokenizer loaded, no upper check)."""
+        tok = self._tok
+        if tok is None:
+            return None
+        try:
+            return max(len(tok), int(getattr(tok, "vocab_size", 0) or 0))
+        except TypeError:
+            return None
+
+    def _token_ids(self, server: _Server, ids, k: int) -> tuple[int, ...]:
+        """A sample's token ids, checked: integers in [0, vocabulary size)."""
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise BadAnswer(f"{server.url} returned token ids that are not a list of integers (sample {k}: "
+                            f"{one_line(ids, 80)}): is it a vLLM/SGLang server? Point --policy at one")
+        vocab = self._vocab()
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            where = f"[0, {vocab})" if vocab is not None else "[0, vocabulary size)"
+            raise BadAnswer(f"{server.url} returned token id {bad[0]} in sample {k}, outside the vocabulary "
+                            f"{where}: the server runs another model than this tokenizer's, or is broken; "
+                            "point --policy at a server of the same model (or restart it)")
+        return tuple(ids)
+
+    @staticmethod
+    def _count(x) -> int:
+        """A usage figure from a server: a non-negative integer, else 0 (advisory)."""
+        return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 else 0
+
     def _parse_vllm(self, server: _Server, body: dict, sampling: SamplingConfig) -> list[Step]:
-        usage = body.get("usage") or {}
-        server.counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-        server.counters["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise BadAnswer(f"{server.url}/v1/completions answered without a list of choices "
+                            f"({one_line(body, 200)}): is it a vLLM (OpenAI-compatible) server?")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        server.counters["prompt_tokens"] += self._count(usage.get("prompt_tokens"))
+        server.counters["completion_tokens"] += self._count(usage.get("completion_tokens"))
         steps = []
-        for c in sorted(body.get("choices", []), key=lambda c: c.get("index", 0)):
+        index = lambda c: c["index"] if isinstance(c.get("index"), int) else 0  # noqa: E731
+        for k, c in enumerate(sorted(choices, key=index)):
             ids = c.get("token_ids")
             if ids is None:
-                raise ServerError(f"{server.url} returned no token ids: it needs a vLLM with "
-                                  "`return_token_ids` (0.10 or later)")
+                raise BadAnswer(f"{server.url} returned no token ids: it needs a vLLM with "
+                                "`return_token_ids` (0.10 or later)")
+            ids = self._token_ids(server, ids, k)
             fr, sr = c.get("finish_reason"), c.get("stop_reason")
             if fr == "length":
                 reason = LENGTH
@@ -382,27 +501,41 @@ class ServerPolicy(Policy):
                 # a matched stop string comes back as that string; EOS/stop tokens as None or an int
                 reason = DELIMITER if sr == sampling.step_delimiter else EOS
             else:
-                raise ServerError(f"{server.url} ended a sample with finish_reason={fr!r}")
-            lp = (c.get("logprobs") or {}).get("token_logprobs")
-            lp = tuple(float(x) for x in lp) if lp and len(lp) == len(ids) and None not in lp else None
-            steps.append(Step(tuple(int(t) for t in ids), self._text(ids, c.get("text", "")), reason, lp))
+                raise BadAnswer(f"{server.url} ended a sample with finish_reason={one_line(repr(fr), 80)}")
+            lps = c.get("logprobs")
+            lp = self._logprobs(lps.get("token_logprobs") if isinstance(lps, dict) else None, len(ids))
+            steps.append(Step(ids, self._text(list(ids), c.get("text", "")), reason, lp))
         return steps
+
+    @staticmethod
+    def _logprobs(lp, n: int) -> tuple[float, ...] | None:
+        """Per-token log-probabilities when the server gave one finite number per token, else None
+        (they are optional: a step without them is scored without them)."""
+        if not isinstance(lp, list) or len(lp) != n or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lp):
+            return None
+        return tuple(float(x) for x in lp)
 
     def _parse_sglang(self, server: _Server, body, sampling: SamplingConfig, n_prompt: int) -> list[Step]:
         items = body if isinstance(body, list) else [body]  # n == 1 answers one object
+        if not all(isinstance(item, dict) for item in items):
+            raise BadAnswer(f"{server.url}/generate answered {one_line(body, 200)}: is it an SGLang server?")
         server.counters["prompt_tokens"] += n_prompt
         steps = []
-        for item in items:
-            meta = item.get("meta_info") or {}
-            server.counters["completion_tokens"] += int(meta.get("completion_tokens") or 0)
-            server.counters["cached_tokens"] += int(meta.get("cached_tokens") or 0)
+        for k, item in enumerate(items):
+            meta = item.get("meta_info") if isinstance(item.get("meta_info"), dict) else {}
+            server.counters["completion_tokens"] += self._count(meta.get("completion_tokens"))
+            server.counters["cached_tokens"] += self._count(meta.get("cached_tokens"))
             lps = meta.get("output_token_logprobs")  # [[logprob, token_id, text|None], ...]
+            if lps is not None and not (isinstance(lps, list) and all(isinstance(e, list) and len(e) >= 2 for e in lps)):
+                lps = None
             ids = item.get("output_ids")
             if ids is None and lps is not None:
                 ids = [e[1] for e in lps]
             if ids is None:
-                raise ServerError(f"{server.url} returned no output token ids (output_ids / "
-                                  "meta_info.output_token_logprobs)")
+                raise BadAnswer(f"{server.url} returned no output token ids (output_ids / "
+                                "meta_info.output_token_logprobs)")
+            ids = self._token_ids(server, ids, k)
             fin = meta.get("finish_reason") or {}
             kind = fin.get("type") if isinstance(fin, dict) else fin
             if kind == "length":
@@ -410,13 +543,15 @@ class ServerPolicy(Policy):
             elif kind == "stop":
                 reason = DELIMITER if fin.get("matched") == sampling.step_delimiter else EOS
             else:
-                raise ServerError(f"{server.url} ended a sample with finish_reason={fin!r}")
-            lp = tuple(float(e[0]) for e in lps) if lps and len(lps) == len(ids) else None
-            steps.append(Step(tuple(int(t) for t in ids), self._text(ids, item.get("text", "")), reason, lp))
+                raise BadAnswer(f"{server.url} ended a sample with finish_reason={one_line(repr(fin), 80)}")
+            lp = self._logprobs([e[0] for e in lps] if lps else None, len(ids))
+            steps.append(Step(ids, self._text(list(ids), item.get("text", "")), reason, lp))
         return steps
 
     def _text(self, ids: list[int], server_text: str) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else server_text
+        if self._tok is not None:
+            return self._tok.decode(ids, skip_special_tokens=True)
+        return server_text if isinstance(server_text, str) else ""
 
     # ---- measurements -------------------------------------------------------------------
 
@@ -438,6 +573,9 @@ class ServerPolicy(Policy):
             per[redact_url(s.url)] = {**s.counters, **m}
             for k in totals:
                 totals[k] += s.counters[k]
+            for k, v in s.counters.items():  # why requests were sent again, or waited for (ets.http)
+                if k.startswith("retries_") or k == "busy_waits":
+                    totals[k] = totals.get(k, 0) + v
             if m.get("prefix_queries") is not None:
                 hits += m["prefix_hits"]
                 queries += m["prefix_queries"]

@@ -21,10 +21,14 @@ SGLang (started with --enable-metrics):
   sglang:num_running_reqs / sglang:num_queue_reqs   gauges, running and queued requests
 
 A missing metric reads as None, never as 0: a figure that was not measured is not reported.
+The figures are advisory: a sample whose value is NaN or infinite (legal in the text format), a
+page that is not a metrics page at all, or a read that fails drops the figures it would have
+given (said once per server on stderr) and never fails a search.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,9 +45,12 @@ class Sample:
     value: float
 
 
-def parse_prometheus(text: str) -> list[Sample]:
-    """Samples of a Prometheus text exposition (comments and malformed lines skipped)."""
+def parse_prometheus(text: str, dropped: list | None = None) -> list[Sample]:
+    """Samples of a Prometheus text exposition (comments and malformed lines skipped). Samples
+    whose value is NaN or infinite are left out; their names are appended to `dropped`."""
     out = []
+    if not isinstance(text, str):
+        return out
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -53,6 +60,10 @@ def parse_prometheus(text: str) -> list[Sample]:
         try:
             value = float(m.group(4))
         except ValueError:
+            continue
+        if not math.isfinite(value):
+            if dropped is not None:
+                dropped.append(m.group(1))
             continue
         labels = dict(_LABEL.findall(m.group(3) or ""))
         out.append(Sample(m.group(1), labels, value))
@@ -75,11 +86,18 @@ class Snapshot:
 
 def _sum(samples: list[Sample], name: str) -> float | None:
     vals = [s.value for s in samples if s.name == name]
-    return sum(vals) if vals else None
+    total = sum(vals) if vals else None
+    return total if total is None or math.isfinite(total) else None
 
 
-def snapshot(text: str, flavour: str = VLLM) -> Snapshot:
-    samples = parse_prometheus(text)
+def _finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def snapshot(text: str, flavour: str = VLLM, dropped: list | None = None) -> Snapshot:
+    """The figures of one /metrics page; `dropped` (a list) collects the names of samples left
+    out for a non-finite value."""
+    samples = parse_prometheus(text, dropped)
     if flavour == SGLANG:
         used = _sum(samples, "sglang:num_used_tokens")
         cap = _sum(samples, "sglang:max_total_num_tokens")
@@ -95,19 +113,28 @@ def snapshot(text: str, flavour: str = VLLM) -> Snapshot:
     for s in samples:
         if s.name == "vllm:cache_config_info":
             try:
-                caps[s.labels.get("engine")] = float(s.labels["num_gpu_blocks"]) * float(s.labels["block_size"])
+                cap = float(s.labels["num_gpu_blocks"]) * float(s.labels["block_size"])
             except (KeyError, ValueError):
-                pass
+                continue
+            if _finite(cap) and cap >= 0:
+                caps[s.labels.get("engine")] = cap
+            elif dropped is not None:
+                dropped.append("vllm:cache_config_info")
     used = None
     for s in samples:
         if s.name == "vllm:kv_cache_usage_perc":
             cap = caps.get(s.labels.get("engine"), next(iter(caps.values()), None))
-            if cap is not None:
+            if cap is not None and math.isfinite((used or 0.0) + s.value * cap):
                 used = (used or 0.0) + s.value * cap
     return Snapshot(_sum(samples, "vllm:prefix_cache_hits_total"),
                     _sum(samples, "vllm:prefix_cache_queries_total"), used,
-                    sum(caps.values()) if caps else None, None, _sum(samples, "vllm:num_requests_running"),
+                    sum(caps.values()) if caps and math.isfinite(sum(caps.values())) else None, None, _sum(samples, "vllm:num_requests_running"),
                     _sum(samples, "vllm:num_requests_waiting"), _sum(samples, "vllm:num_preemptions_total"))
+
+
+def _int(x) -> int | None:
+    """A figure as an integer; None when unknown or not finite."""
+    return int(round(x)) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def delta(before: Snapshot | None, after: Snapshot | None) -> dict:
@@ -118,7 +145,7 @@ def delta(before: Snapshot | None, after: Snapshot | None) -> dict:
     if None not in (before.prefix_hits, after.prefix_hits, before.prefix_queries, after.prefix_queries):
         hits = after.prefix_hits - before.prefix_hits
         queries = after.prefix_queries - before.prefix_queries
-        out.update(prefix_hits=int(hits), prefix_queries=int(queries),
+        out.update(prefix_hits=_int(hits), prefix_queries=_int(queries),
                    prefix_hit_rate=(hits / queries) if queries > 0 else None)
     elif after.hit_rate_gauge is not None:
         out["prefix_hit_rate"] = after.hit_rate_gauge
@@ -149,6 +176,7 @@ class Monitor:
         self.url, self.flavour, self.interval_s, self.fetch = metrics_url, flavour, interval_s, fetch
         self.windows: set[Window] = set()
         self.errors = 0
+        self.dropped = 0  # samples left out for a non-finite value
         self.last_error: str | None = None
         self.first: Snapshot | None = None  # first reading ever: run totals are measured from it
         self.last: Snapshot | None = None
@@ -157,14 +185,36 @@ class Monitor:
         self.running_sum = self.waiting_sum = 0.0
         self.load_samples = 0
         self._task = None
+        self._said: set[str] = set()  # what has been reported on stderr (once each)
+
+    def _say_once(self, kind: str, what: str) -> None:
+        """One line on stderr about this server's page, the first time anything is wrong with it
+        (what goes wrong later is counted in `errors` / `dropped`, not said again)."""
+        if self._said:
+            return
+        self._said.add(kind)
+        from ets.http import _report, redact_url
+
+        _report(f"[ets] {redact_url(self.url)}: {redact_url(what)}; the KV and prefix-cache figures it would "
+                "give are left out (advisory only: the search goes on). Said once.")
 
     async def read(self) -> Snapshot | None:
+        dropped: list[str] = []
         try:
-            snap = snapshot(await self.fetch(self.url), self.flavour)
+            snap = snapshot(await self.fetch(self.url), self.flavour, dropped)
         except Exception as e:  # noqa: BLE001 - advisory figures only, see the class docstring
+            from ets.http import one_line
+
             self.errors += 1
-            self.last_error = f"{type(e).__name__}: {e}"
+            self.last_error = one_line(f"{type(e).__name__}: {e}", 200)
+            self._say_once("read", f"reading it failed ({self.last_error})")
             return None
+        if dropped:
+            self.dropped += len(dropped)
+            self._say_once("nonfinite", f"non-finite values (NaN/Inf) for {', '.join(sorted(set(dropped))[:4])}")
+        if all(getattr(snap, f) is None for f in ("prefix_hits", "kv_used_tokens", "kv_capacity_tokens",
+                                                   "hit_rate_gauge", "running")):
+            self._say_once("empty", f"no {self.flavour} figure this client reads is on the page")
         if self.first is None:
             self.first = snap
         self.last = snap
@@ -197,10 +247,14 @@ class Monitor:
     async def close(self, window: Window) -> dict:
         after = await self.read()  # also lands in `window` (still open): the end state counts
         self.windows.discard(window)
-        out = delta(window.before, after)
-        out["kv_tokens_peak"] = None if window.kv_peak is None else int(round(window.kv_peak))
-        out["kv_capacity_tokens"] = None if after is None or after.kv_capacity_tokens is None \
-            else int(after.kv_capacity_tokens)
+        try:
+            out = delta(window.before, after)
+            out["kv_tokens_peak"] = _int(window.kv_peak)
+            out["kv_capacity_tokens"] = None if after is None else _int(after.kv_capacity_tokens)
+        except Exception as e:  # noqa: BLE001 - advisory figures never fail a search
+            self._say_once("figures", f"its figures could not be combined ({type(e).__name__}: {e})")
+            out = {"prefix_hits": None, "prefix_queries": None, "prefix_hit_rate": None,
+                   "kv_tokens_peak": None, "kv_capacity_tokens": None}
         out["metrics_samples"] = window.samples
         return out
 
@@ -219,11 +273,15 @@ class Monitor:
         preemptions since the first reading (None if unknown), and the running / waiting
         sequences summed over the `load_samples` readings that had them (readings are taken
         while a request is out, every interval_s)."""
-        out = delta(self.first, self.last)
-        out["kv_tokens_peak"] = None if self.kv_peak is None else int(round(self.kv_peak))
+        try:
+            out = delta(self.first, self.last)
+        except Exception:  # noqa: BLE001 - advisory
+            out = {"prefix_hits": None, "prefix_queries": None, "prefix_hit_rate": None}
+        out["kv_tokens_peak"] = _int(self.kv_peak)
         out["metrics_errors"] = self.errors
+        out["metrics_dropped"] = self.dropped
         first, last = self.first, self.last
         out["preemptions"] = None if first is None or last is None or None in (first.preemptions, last.preemptions) \
-            else int(last.preemptions - first.preemptions)
+            else _int(last.preemptions - first.preemptions)
         out.update(running_sum=self.running_sum, waiting_sum=self.waiting_sum, load_samples=self.load_samples)
         return out

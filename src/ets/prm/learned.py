@@ -280,27 +280,61 @@ def save(path: str | Path, weight, bias, mean, scale, meta: dict) -> Path:
 
 
 def load(path: str | Path) -> tuple[dict, dict]:
-    """(arrays, meta) of a learned PRM file; ValueError naming the file when it is not one."""
+    """(arrays, meta) of a learned PRM file; ValueError naming the file, what is wrong with it and
+    the fix (`ets train-prm` rebuilds it) when it is not one: empty, truncated, not an .npz, arrays
+    missing or of shapes that do not fit each other or its feature set, values not finite."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"learned PRM file {path} not found; make one with `ets train-prm`")
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"learned PRM file {path}: {what}; rebuild it with `ets train-prm` "
+                          "(or give another --prm learned:FILE)")
+
+    if not path.is_file():
+        raise refuse("not a regular file")
+    if path.stat().st_size == 0:
+        raise refuse("the file is empty")
     try:
         with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("weight", "bias", "mean", "scale", "meta") if k not in z.files]
+            if missing:
+                raise refuse(f"no {', '.join(missing)} array(s) in it: not a learned PRM file")
             arrays = {k: z[k] for k in ("weight", "bias", "mean", "scale")}
             meta = json.loads(str(z["meta"]))
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{path} is not a learned PRM file (ets train-prm): {e}") from e
+    except ValueError as e:
+        if str(e).startswith(f"learned PRM file {path}"):
+            raise
+        raise refuse(f"unreadable ({' '.join(str(e).split())[:120]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zips, bad headers: all one answer
+        raise refuse(f"unreadable, truncated or not an .npz ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:120]})") from None
+    if not isinstance(meta, dict):
+        raise refuse("its meta is not a JSON object")
     if meta.get("kind") != KIND or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a learned PRM file of format {FORMAT} (kind {meta.get('kind')!r}, "
                          f"format {meta.get('format')!r})")
-    if meta.get("features", {}).get("version") not in FEATURES_VERSIONS:
-        raise ValueError(f"{path} uses features version {meta.get('features', {}).get('version')}; this ets "
+    features = meta.get("features")
+    if not isinstance(features, dict):
+        raise refuse("its meta has no features description")
+    if features.get("version") not in FEATURES_VERSIONS:
+        raise ValueError(f"{path} uses features version {features.get('version')}; this ets "
                          f"computes versions {FEATURES_VERSIONS}: retrain it with `ets train-prm`")
+    if any(a.dtype.kind not in "fiu" for a in arrays.values()):
+        raise refuse("its arrays are not numbers")
     w = arrays["weight"]
     heads = 1 if w.ndim == 1 else w.shape[0]
-    if w.ndim not in (1, 2) or arrays["mean"].shape != w.shape or arrays["scale"].shape != w.shape \
-            or arrays["bias"].shape != (heads,):
-        raise ValueError(f"{path}: array shapes do not match (weight {w.shape}, bias {arrays['bias'].shape})")
+    if w.ndim not in (1, 2) or w.shape[-1] == 0 or arrays["mean"].shape != w.shape \
+            or arrays["scale"].shape != w.shape or arrays["bias"].shape != (heads,):
+        raise refuse(f"array shapes do not match (weight {w.shape}, bias {arrays['bias'].shape}, "
+                     f"mean {arrays['mean'].shape}, scale {arrays['scale'].shape})")
+    stats = features.get("stats", STAT_NAMES_V1)
+    fset = features.get("set", "full")
+    want = len(stats) if fset in ("stats", "stats-split") and isinstance(stats, list | tuple) else features.get("dim")
+    if isinstance(want, int) and not isinstance(want, bool) and w.shape[-1] != want:
+        raise refuse(f"weight has {w.shape[-1]} columns, its feature set {fset!r} has {want}")
+    if not all(np.isfinite(a).all() for a in arrays.values()):
+        raise refuse("it holds values that are not finite (NaN or infinite)")
     return arrays, meta
 
 

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import httpx
 
-from ets.http import Health, ServerError, redact_url, request_with_retries, split_urls
+from ets.http import Health, ServerError, one_line, redact_url, request_with_retries, split_urls
 from ets.prm.base import PRMError, RewardModel, ScoreRequest
 from ets.prm.formats import math_shepherd_text, tagged_steps
 
@@ -166,27 +166,56 @@ class ServedPRM(RewardModel):
                 err.hint = ("the PRM server did not answer: check that it is up and that the --prm URL "
                             "is right")
                 raise err from e
+        where = f"{self.name} at {redact_url(self.url)}/pooling (--prm)"
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-            raise PRMError(f"{self.name}: {redact_url(self.url)}/pooling answered without a 'data' list: "
-                           f"{str(body)[:200]}")
-        data = sorted(data, key=lambda d: d.get("index", 0))
+            raise self._bad(f"{where} answered without a 'data' list: {one_line(body, 200)}")
+        index = lambda d: d["index"] if isinstance(d.get("index"), int) else 0  # noqa: E731
+        data = sorted(data, key=index)
         if len(data) != len(batch):
-            raise PRMError(f"{self.name}: {self.url}/pooling returned {len(data)} results for {len(batch)} inputs")
+            raise self._bad(f"{where} returned {len(data)} results for {len(batch)} inputs")
         for (q, steps), item in zip(batch, data):
             vecs = item.get("data")
             if not isinstance(vecs, list) or len(vecs) != len(steps):
-                got = len(vecs) if isinstance(vecs, list) else vecs
+                got = len(vecs) if isinstance(vecs, list) else one_line(repr(vecs), 60)
                 bad = len(vecs) if isinstance(vecs, list) and len(vecs) < len(steps) else len(steps) - 1
-                raise PRMError(
-                    f"{self.name}: {len(steps)} steps sent, {got} step scores returned; step "
+                raise PRMError(redact_url(
+                    f"{where}: {len(steps)} steps sent, {got} step scores returned; step "
                     f"{bad + 1} ({steps[min(bad, len(steps) - 1)][-80:]!r}) got none. Is the server's "
-                    f"step_tag_id the token of {self.convention.step_tag!r}, and is it step pooling?")
+                    f"step_tag_id the token of {self.convention.step_tag!r}, and is it step pooling?"))
             for k, vec in enumerate(vecs):
-                s = step_score(vec, self.convention.positive_index)
+                s = self._vector_score(vec, where, k)
                 if not math.isfinite(s):
-                    raise PRMError(f"{self.name}: non-finite score {s!r} for step {k + 1} ({steps[k][-80:]!r})")
+                    raise self._bad(f"{where} returned a non-finite score ({s!r}) for step {k + 1}",
+                                    "the PRM server computes NaN/Inf: check its model and dtype (e.g. float32 "
+                                    "instead of float16), or restart it")
                 self._store((q, steps[: k + 1]), s)
+
+    def _vector_score(self, vec, where: str, k: int) -> float:
+        """step_score of one step's vector, after checking its shape: a number, or a non-empty
+        list of numbers long enough to hold the positive class."""
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        pos = self.convention.positive_index
+        if num(vec):
+            return float(vec)
+        if not isinstance(vec, list) or not vec or not all(num(v) for v in vec):
+            raise self._bad(f"{where} returned {one_line(repr(vec), 60)} for step {k + 1}, not a number or a "
+                            "list of numbers")
+        if len(vec) > 1 and pos >= len(vec):
+            raise self._bad(f"{where} returned a {len(vec)}-entry vector for step {k + 1}; the positive class "
+                            f"is entry {pos}", "check the PRM server's returned_token_ids / classes and the spec's "
+                            "positive_index")
+        try:
+            return step_score(vec, pos)
+        except OverflowError:
+            return math.nan
+
+    def _bad(self, msg: str, hint: str | None = None) -> PRMError:
+        """A PRMError about the server's answer (not the steps): its fix names the PRM server."""
+        err = PRMError(redact_url(msg))
+        err.hint = hint or ("the PRM server's answer cannot be used: check that --prm points at a "
+                            "step-pooling PRM server of this kind (see docs/servers.md), or restart it")
+        return err
 
     def stats(self) -> dict:
         return dict(self._counters)

@@ -86,7 +86,7 @@ def command(a) -> int:
                                   rc.answer_field, rc.id_field)
     if not problems:
         raise BadInput(f"--offset {rc.offset}: no problems left in {rc.dataset}; lower --offset")
-    run = RunDir.prepare(rc.runs_dir, rc.identity(cfg, task.to_dict()), rc.to_dict(), resume=a.resume)
+    run = rc.run_dir(cfg, task.to_dict(), resume=a.resume)
     # the policy's identity is kept beside the rollouts, so --fit-done needs no server
     known = run.path / POLICY_IDENTITY_FILE
     if a.fit_done and known.exists():

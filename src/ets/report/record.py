@@ -393,6 +393,9 @@ def write_report(out: Path, rows_: list[dict], meta: dict, extra_md: str = "") -
     ({"meta", "rows", "ratios"}); returns the markdown. `meta` keys used: title, command,
     machine, started, wall_s, policy, prm, embedder, dataset, problem_ids, n_requested, settings
     (a dict printed as key value pairs), not_run."""
+    from ets.http import redact_obj
+
+    rows_, meta = redact_obj(rows_), redact_obj(meta)  # a URL's credentials never reach the report
     rats = ratios(rows_)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,12 @@ class Task:
     name: str
     numeric: bool = False
     instruction: str = BOXED_INSTRUCTION
+    template: str | None = None  # the user turn over {question}, {instruction} (ets.tasks.prompts); None: the spec's
 
     def prompt(self, problem: Problem) -> str:
         """The question text handed to the policy (which applies its chat template)."""
+        if self.template is not None:
+            return self.template.format(question=problem.question.strip(), instruction=self.instruction)
         return f"{problem.question.strip()}\n\n{self.instruction}"
 
     def extract(self, text: str) -> str | None:
@@ -61,8 +64,11 @@ class Task:
         return Reference(problem.gold, problem.solution, self.numeric)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "numeric": self.numeric, "instruction": self.instruction}
+        d = {"name": self.name, "numeric": self.numeric, "instruction": self.instruction}
+        if self.template is not None:  # only then: runs named before templates keep their names
+            d["template"] = self.template
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:
-        return cls(d["name"], bool(d.get("numeric", False)), d.get("instruction", BOXED_INSTRUCTION))
+        return cls(d["name"], bool(d.get("numeric", False)), d.get("instruction", BOXED_INSTRUCTION), d.get("template"))

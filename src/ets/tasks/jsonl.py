@@ -26,8 +26,11 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"{path} is a directory: --dataset takes a JSONL file (or gsm8k, math500)")
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO, socket or device: read once, or forever; never a data set
+        raise DatasetError(f"{path} is not a regular file (a FIFO, socket or device): --dataset takes a JSONL "
+                           "file saved on disk (or gsm8k, math500)")
     prefix = id_prefix or path.stem
     problems: list[Problem] = []
     errors: list[str] = []
