@@ -4,7 +4,7 @@
 # are skipped and still reported), so a session that must stop kills this script (or sets UNTIL)
 # and the next session runs the same command again.
 #
-#   bash ../shared/tools/bench-model.sh                          # prints the GGUF's path
+#   bash benchmarks/bench-model.sh                               # prints the GGUF's path
 #   ets serve PATH.gguf --port 8000 --kv-cache-gb 4 &            # ~1.5 min to start
 #   UNTIL=14:50 bash benchmarks/campaign.sh                      # every stage, in order, until 14:50 UTC
 #   bash benchmarks/campaign.sh bon16 gsm8k-w16                  # chosen stages

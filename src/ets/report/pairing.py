@@ -1,10 +1,10 @@
-"""Pair methods across results files: accuracy and tree KV on the problems both finished.
+"""`ets pair`: methods paired across results files: accuracy and tree KV on the problems both finished.
 
 `ets compare` pairs its own arms with REBASE; this pairs rows of different results.json files (each
 row keeps its per-problem outcomes), so a method run later, in another session or on another
 machine, is judged against the record's REBASE on the same problems without recomputing it.
 
-    python benchmarks/pair_results.py \\
+    ets pair \\
         --base benchmarks/results/record-vllm-qwen-gsm8k-w16/results.json:rebase \\
         benchmarks/results/record-vllm-qwen-gsm8k-w16-beam-dvts/results.json:beam \\
         benchmarks/results/record-vllm-qwen-gsm8k-w16-beam-dvts/results.json:dvts
@@ -120,7 +120,7 @@ def plot(path: str, rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="ets pair", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="FILE.json:METHOD[@PRM][+...] every other row is paired with")
     ap.add_argument("rows", nargs="+", help="FILE.json:METHOD[@PRM][+...] rows to pair with the base")
     ap.add_argument("--plot", metavar="PNG", help="also draw accuracy against tree KV, every row on the "
