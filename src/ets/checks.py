@@ -73,17 +73,13 @@ def safe(text) -> str:
 
 
 def _check_url(url: str, flag: str) -> None:
-    import httpx
+    """A well-formed http(s) URL with a host and a valid port (ets.prm.registry.check_url)."""
+    from ets.prm.registry import SpecError, check_url
 
     try:
-        u = httpx.URL(url)
-        port = u.port
-    except Exception as e:  # noqa: BLE001  (httpx raises several kinds for bad URLs)
-        raise BadInput(f"{flag}: {safe(url)!r} is not a valid URL ({safe(e)}); use http://HOST:PORT") from None
-    if u.scheme not in ("http", "https") or not u.host:
-        raise BadInput(f"{flag}: {safe(url)!r} is not an http(s) URL with a host; use http://HOST:PORT")
-    if port is not None and not 0 < port < 65536:
-        raise BadInput(f"{flag}: port {port} out of range in {safe(url)!r}")
+        check_url(url, flag)
+    except SpecError as e:
+        raise BadInput(str(e)) from None
 
 
 def _check_model_dir(path: Path, flag: str, spec: str) -> None:
