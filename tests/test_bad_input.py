@@ -289,6 +289,7 @@ def test_server_dying_mid_run_keeps_finished_problems(tmp_path, toy4, no_tokeniz
     print(f"server died mid-run -> message: {took:.2f} s ({len(done)} problems kept)")
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_http_5xx_is_retried_then_the_problem_fails_and_others_go_on(tmp_path, toy4, no_tokenizer, stand_in, capsys):
     fake = FakeVLLM(delimiter_only=True)
 

@@ -354,6 +354,7 @@ def test_model_lookup_is_made_once_per_server_per_run(tmp_path, toy, no_tokenize
     assert [p for m, p, _ in srv.requests].count("/v1/models") == 1
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_a_failing_model_lookup_is_retried_then_kept_for_the_run(tmp_path, toy, no_tokenizer, stand_in, capsys):
     fake = FakeVLLM(delimiter_only=True)
 
@@ -624,6 +625,7 @@ def test_ctrl_c_during_start_up_prints_no_traceback(monkeypatch, capsys):
     assert code == 130 and "interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_a_server_wide_failure_is_printed_once_with_the_problems_listed(tmp_path, toy, no_tokenizer, stand_in, capsys):
     srv = stand_in(_policy_fault("http-500"))
     code, out, err, took = _main(["run", "--policy", _with_secret(srv.url), "--prm", "mock", *toy,

@@ -317,6 +317,7 @@ def test_stats_split_fits_two_heads_and_scores_each_row_by_its_own(toy, tmp_path
     assert w["auroc_final"] == pytest.approx(meta["heldout"]["auroc_final"])
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_path, planted, capsys, monkeypatch):
     assert _train(toy, tmp_path, "--features", "stats")[0] == 0
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
@@ -332,6 +333,7 @@ def test_cross_validation_script_judges_every_feature_set_out_of_fold(toy, tmp_p
     assert out.count(f"on {d} (30 problems") == 5
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_cross_validation_script_weighs_the_vote_by_a_power_of_the_score(toy, tmp_path, planted, capsys, monkeypatch):
     assert _train(toy, tmp_path, "--features", "stats")[0] == 0
     [d] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
@@ -349,6 +351,7 @@ def test_cross_validation_script_weighs_the_vote_by_a_power_of_the_score(toy, tm
     assert flat["AUROC"] == plain["AUROC"]  # a power keeps the ranking
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_cross_validation_script_compares_labellings_on_the_problems_with_completions(toy, tmp_path, planted, capsys,
                                                                                       monkeypatch):
     assert _train(toy, tmp_path, "--labels", "mc-soft", "--mc-k", "3")[0] == 0

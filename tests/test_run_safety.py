@@ -55,6 +55,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert not run.claim("p3") and not run.claim_path("p3").exists()  # finished: nothing to claim
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_two_runs_at_once_never_compute_a_problem_twice(tmp_path, toy):
     cmd = [sys.executable, "-m", "ets.cli", "run", *MOCK, *toy, "--json"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -125,6 +126,7 @@ SERVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_serve_stops_its_server_and_its_children_on_signals(tmp_path, sig):
     from conftest import free_port

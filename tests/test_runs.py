@@ -131,6 +131,7 @@ def test_summary_figures(tmp_path):
     assert json.loads((run.path / "summary.json").read_text())["accuracy"] == s["accuracy"]
 
 
+@pytest.mark.slow  # several seconds: in the full run (-m "") and CI
 def test_sigkill_mid_run_then_rerun_loses_and_recomputes_nothing(tmp_path):
     make_dataset(tmp_path / "toy.jsonl", 120)
     cmd = [sys.executable, "-m", "ets.cli", "run", "--policy", "mock", "--prm", "mock", "--embedder", "hash",
