@@ -5,7 +5,7 @@
         [--rescore learned:FILE.npz]
 
 For every depth each run traced, REBASE's allocation and ETS under each setting are recomputed on
-the same candidates and scores (ets.report.replay); the table gives what each keeps and the
+the same candidates and scores (benchmarks/replay.py); the table gives what each keeps and the
 reference's (REBASE's) KV over the setting's. A one-decision counterfactual: use it to choose
 which settings deserve a real frontier run, not as an accuracy result. `--rescore learned:FILE`
 first replaces every node's saved score by the learned PRM's (the file is used whatever policy
@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ets.cluster import make_embedder
-from ets.report.replay import grid, replay, replay_markdown, run_width, summarize
+from replay import grid, replay, replay_markdown, run_width, summarize
 from ets.runs import RunDir
 from ets.strategies.ets import ETSConfig
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ets.cluster import make_embedder
-from ets.report.replay import grid, replay, summarize
+from replay import grid, replay, summarize
 from ets.strategies.ets import ETSConfig
 from ets.strategies.rebase import rebase_allocate
 from ets.tree import Tree
