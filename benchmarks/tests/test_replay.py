@@ -1,6 +1,12 @@
-"""Replaying saved decisions under other selection settings (ets.report.replay)."""
+"""Replaying saved decisions under other selection settings (benchmarks/replay.py)."""
+
+import sys
+from pathlib import Path
 
 import pytest
+
+# the analysis code beside the benchmark scripts (benchmarks/replay.py), not in the package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ets.cluster import make_embedder
 from replay import grid, replay, summarize
