@@ -418,3 +418,36 @@ def test_vllm_serves_rlhflow_and_judge_as_the_in_process_adapters_score(tok, lm,
     assert same(got_rlhflow, want_rlhflow, 1e-4)
     assert same(got_judge, want_judge, 1e-4)
     assert rl.minus_unlisted == 0
+
+
+def _without(folder, out, drop=None, rename=None):
+    """A copy of a saved folder whose safetensors lack the `drop` key or have `rename` = (old, new)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    if drop:
+        del tensors[drop]
+    if rename:
+        tensors[rename[1]] = tensors.pop(rename[0])
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_a_head_missing_or_renamed_fails_naming_the_keys(tok, lm, tmp_path):
+    from ets.prm.loading import CheckpointError
+
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    no_head = _without(tmp_path / "lm", tmp_path / "no-head", drop="lm_head.weight")
+    for kind in ("rlhflow", "judge"):
+        with pytest.raises(CheckpointError, match="lm_head.weight"):
+            registry.build(f"{kind}:{no_head}?device=cpu")
+    orm = tiny_orm(len(tok))
+    orm.save_pretrained(tmp_path / "orm")
+    tok.save_pretrained(tmp_path / "orm")
+    renamed = _without(tmp_path / "orm", tmp_path / "orm-renamed", rename=("score.weight", "reward.weight"))
+    with pytest.raises(CheckpointError, match=r"missing \(would be random\) score.weight.*unexpected reward.weight"):
+        registry.build(f"orm:{renamed}?device=cpu")
