@@ -159,8 +159,9 @@ def _load() -> None:
 
 
 def kinds() -> dict[str, PRMKind]:
+    """Every registered kind, by name, in name order (not import order, which differs by caller)."""
     _load()
-    return dict(KINDS)
+    return dict(sorted(KINDS.items()))
 
 
 def kind_of(name: str) -> PRMKind:
