@@ -102,6 +102,15 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _param_count(text: str) -> float:
+    from ets.measures import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     from ets.cluster import EMBEDDERS
 
@@ -137,6 +146,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-capacity", type=int, default=None,
                    help="KV tokens the embedded engine may hold at once; beyond it rows wait, or are preempted and "
                         "their KV recomputed later (default unbounded)")
+    g.add_argument("--policy-params", type=_param_count, default=None, metavar="N",
+                   help="the policy's parameter count for the FLOPs estimate (e.g. 0.5e9, 135M, 7B; default: the "
+                        "model's own, or its local folder's; unknown: no FLOPs)")
+    g.add_argument("--prm-params", type=_param_count, default=None, metavar="N",
+                   help="the PRM's parameter count for the FLOPs estimate (default: the model's own, or its local "
+                        "folder's; compare: every --prm)")
     g = p.add_argument_group("search (SearchConfig / SamplingConfig)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=1024, help="generated tokens per trajectory (default: run 256, compare 1024 as the spec)")
@@ -346,15 +361,21 @@ def _models(a, rc):
             raise BadInput(f"--max-requests {a.max_requests}: give a number >= 1")
         opts["max_concurrency"] = a.max_requests
     policy = make_policy(rc.policy, **opts)
+    from ets.measures import declare_params
+
+    declare_params(policy, getattr(a, "policy_params", None))  # the FLOPs estimate's (ets.measures)
     return policy, _make_prm(a, rc.prm, policy)
 
 
 def _make_prm(a, spec: str, policy):
     """The reward model of `spec` (ets.factory.make_prm) with the command's seed and timeout."""
     from ets.factory import make_prm
+    from ets.measures import declare_params
 
     timeout = getattr(a, "request_timeout", None)
-    return make_prm(spec, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
+    prm = make_prm(spec, policy, seed=a.seed, **({"timeout_s": timeout} if timeout is not None else {}))
+    declare_params(prm, getattr(a, "prm_params", None))  # the FLOPs estimate's (ets.measures)
+    return prm
 
 
 def _set_threads(a) -> int | None:
@@ -551,7 +572,7 @@ def cmd_compare(a) -> int:
     shown = [arm for arm in arms if any(arm.run.is_done(p.id) for p in arm.problems)]
     not_run = [arm.key for arm in arms if arm not in shown]
     ids = record.common_ids(shown)
-    rows = record.rows(shown, ids)
+    rows = record.rows(shown, ids, params={"policy": a.policy_params, "prm": a.prm_params})
     key = config_hash({"runs": sorted(arm.run.name for arm in arms), "ids": [p.id for _, ps in data.values() for p in ps]})
     out = Path(a.out or Path(rc.runs_dir) / f"compare-{key}")
     meta = {"title": a.title, "command": shlex.join(["ets", *getattr(a, "argv", [])]), "started": started,

@@ -23,7 +23,8 @@ from ets import admission
 from ets.answer import AGGREGATIONS, VOTES, select_from_tree
 from ets.config import SearchConfig, _check
 from ets.factory import prm_identity
-from ets.measures import counter_delta, run_measures, snapshot, trace_measures
+from ets.measures import counter_delta, model_params, problem_compute, run_measures, snapshot, trace_measures
+from ets.prm.base import PROBLEM_COUNTERS
 from ets.runs import RunDir, summarize, versions
 from ets.search import search
 from ets.tasks import Problem, Task
@@ -220,17 +221,24 @@ def hint(exc: BaseException) -> str:
 
 
 def problem_record(problem: Problem, task: Task, prompt: str, result, vote: str, agg: str,
-                   policy_name: str, prm_name: str) -> dict:
-    """Everything saved for one finished problem (see docs/harness.md)."""
+                   policy_name: str, prm_name: str, prm_tokens: int | None = None,
+                   policy_params: float | None = None, prm_params: float | None = None) -> dict:
+    """Everything saved for one finished problem (see docs/harness.md). `compute`: its tokens,
+    wall time and FLOPs (ets.measures.problem_compute) from the tree and trace, the PRM tokens
+    charged to it (None: the PRM does not count them) and the models' parameter counts (None:
+    unknown)."""
     sel = select_from_tree(result.tree, task, vote, agg)
     trace = trace_to_list(result.trace)
+    tree = tree_to_dict(result.tree)
     return {
         "format": 1, "id": problem.id, "question": problem.question, "prompt": prompt, "gold": problem.gold,
         "meta": problem.meta, "task": task.to_dict(),
         "answer": sel.to_dict(), "correct": task.grade(sel.answer, problem.gold),
         "solutions": len(result.solutions), "kv": result.kv_summary(), "counters": result.counters,
         "policy": policy_name, "prm": prm_name, "finished_at": time.time(),
-        "engine": trace_measures(trace), "tree": tree_to_dict(result.tree), "trace": trace,
+        "engine": trace_measures(trace),
+        "compute": problem_compute(tree, result.counters, trace, prm_tokens, policy_params, prm_params),
+        "tree": tree, "trace": trace,
     }
 
 
@@ -281,6 +289,10 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
     run_prm = {j.run.name: prm if j.prm is None else j.prm for jobs in groups for j in jobs}
     prms = {id(p): p for p in [prm, *run_prm.values()]}
     before = (snapshot(policy), {k: snapshot(p) for k, p in prms.items()})
+    # compute accounting (ets.measures): parameter counts where known, and which PRMs count tokens
+    policy_n = model_params(policy)
+    prm_n = {k: model_params(p) for k, p in prms.items()}
+    counts_tokens = {k: "prm_tokens" in snap for k, snap in before[1].items()}
 
     async def one(job: Job) -> None:
         out = outcomes[job.run.name]
@@ -289,10 +301,17 @@ async def run_jobs(groups: list[list[Job]], task: Task, policy, prm, embedders: 
         try:
             emb = _embedder(job.cfg, embedders)
             job_prm = run_prm[job.run.name]
-            result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done,
-                                  reference=task.reference(job.problem))
+            charged: dict = {}  # what the PRM charges to this problem as it scores (ets.prm.base.charge)
+            token = PROBLEM_COUNTERS.set(charged)
+            try:
+                result = await search(prompt, policy, job_prm, job.cfg, embedder=emb, on_depth=live.depth_done,
+                                      reference=task.reference(job.problem))
+            finally:
+                PROBLEM_COUNTERS.reset(token)
             record = problem_record(job.problem, task, prompt, result, vote, agg,
-                                    getattr(policy, "name", "?"), getattr(job_prm, "name", "?"))
+                                    getattr(policy, "name", "?"), getattr(job_prm, "name", "?"),
+                                    prm_tokens=charged.get("prm_tokens", 0) if counts_tokens[id(job_prm)] else None,
+                                    policy_params=policy_n, prm_params=prm_n[id(job_prm)])
             record = {k: v if k in _MODEL_TEXT else redact_obj(v) for k, v in record.items()}
             job.run.write_problem(record)
             out.computed += 1

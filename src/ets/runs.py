@@ -495,7 +495,11 @@ def summarize(records: list[dict], sessions: list[dict], n_selected: int | None 
     KV: `kv_mean` = mean over problems of each problem's mean-over-steps KV tokens; `kv_peak` =
     the largest per-problem peak (and `kv_peak_mean` their mean); the same for blocks.
     Throughput: problems and generated tokens computed in the sessions over those sessions' wall
-    time, with `in_flight` = the largest concurrency used."""
+    time, with `in_flight` = the largest concurrency used. Compute (ets.measures.compute_summary,
+    tolerating records made before it): prompt/prefilled/PRM tokens and FLOPs, totals and per
+    problem, parameter counts, latency_p50/p90/p99 over the problems' wall times."""
+    from ets.measures import compute_summary
+
     n = len(records)
     correct = sum(1 for r in records if r.get("correct"))
 
@@ -528,4 +532,5 @@ def summarize(records: list[dict], sessions: list[dict], n_selected: int | None 
         "tokens_per_s": gen_session / wall if wall else 0.0,
         "in_flight": max((s.get("concurrency", 1) for s in sessions), default=1),
         "embedder": ", ".join(embedders) or None,
+        **compute_summary(records),
     }

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import contextvars
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
 from ets.tree import Node
+
+
+# The counters of the problem whose search runs in this context: ets.runner.run_jobs sets a dict
+# per problem, and a PRM that counts the tokens it reads charges them there as it scores
+# (`charge("prm_tokens", n)`), so each problem gets its own count however many are in flight.
+PROBLEM_COUNTERS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ets_problem_counters", default=None)
+
+
+def charge(key: str, n: int | float) -> None:
+    """Add n to the running problem's counter `key` (nothing outside a problem's search)."""
+    counters = PROBLEM_COUNTERS.get()
+    if counters is not None:
+        counters[key] = counters.get(key, 0) + n
 
 
 class PRMError(RuntimeError):

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from ets.prm.base import PRMError
+from ets.prm.base import PRMError, charge
 from ets.prm.registry import Option, SpecError, check_target
 
 TOP_K = Option("top_k", int, 20, "log-probs per position asked of a served PRM (vLLM caps it at its --max-logprobs, "
@@ -142,6 +142,10 @@ class Client:
                 raise err from e
         if not isinstance(body, dict):
             raise self.bad(path, f"answered {type(body).__name__}, not a JSON object")
+        used = (body.get("usage") or {}).get("prompt_tokens") if isinstance(body.get("usage"), dict) else None
+        if isinstance(used, int) and not isinstance(used, bool):  # the server's count of what it read
+            self.counters["prm_tokens"] = self.counters.get("prm_tokens", 0) + used
+            charge("prm_tokens", used)
         return body
 
     def bad(self, path: str, msg: str) -> PRMError:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.base import PRMError, RewardModel, ScoreRequest, charge
 from ets.prm.cache import PrefixCache, in_worker
 from ets.prm.formats import math_shepherd_text
 from ets.prm.registry import BATCH_SIZE, BATCH_TOKENS, DEVICE, DTYPE, MODEL, PRMKind, check_target, register
@@ -61,7 +61,7 @@ class ModelPRM(RewardModel):
         self.tok = tokenizer
         self.batch_size, self.batch_tokens, self.max_length = batch_size, batch_tokens, max_length
         self.cache = PrefixCache(cache_size)
-        self.calls = self.paths = self.encoded = 0
+        self.calls = self.paths = self.encoded = self.tokens = 0
 
     def from_folder(self, path, dtype):
         """(model, tokenizer) loaded from a local folder."""
@@ -79,8 +79,10 @@ class ModelPRM(RewardModel):
         paths = [(r.question, tuple(r.node.step_texts())) for r in requests]
         todo = self.cache.todo(paths)
         if todo:
-            for p, scores in zip(todo, await in_worker(self._score_paths, todo)):
+            tally: list[int] = []
+            for p, scores in zip(todo, await in_worker(self._score_paths, todo, tally)):
                 self.cache.store(p, scores)
+            charge("prm_tokens", sum(tally))  # to the problem being searched (ets.prm.base)
         try:
             return [self.cache.scores(p) for p in paths]
         except KeyError as e:
@@ -99,8 +101,9 @@ class ModelPRM(RewardModel):
             T = t
         return out + [cur] if cur else out
 
-    def _score_paths(self, paths: list) -> list[list[float]]:
-        """Step scores of each (question, steps) path; runs in the worker thread."""
+    def _score_paths(self, paths: list, tally: list | None = None) -> list[list[float]]:
+        """Step scores of each (question, steps) path; runs in the worker thread. The input
+        tokens encoded are counted in `tokens` (and appended to `tally`, if given)."""
         import math
 
         import torch
@@ -114,6 +117,10 @@ class ModelPRM(RewardModel):
                 raise PRMError(f"PRM {self.name}: {len(steps)} steps but {len(at)} scored positions")
             encoded.append((ids, at))
         self.encoded += len(encoded)
+        n_tokens = sum(len(ids) for ids, _ in encoded)
+        self.tokens += n_tokens
+        if tally is not None:
+            tally.append(n_tokens)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         out: list = [None] * len(encoded)
         for chunk in self._batches([len(ids) for ids, _ in encoded]):
@@ -136,7 +143,7 @@ class ModelPRM(RewardModel):
 
     def stats(self) -> dict:
         return {"prm_calls": self.calls, "prm_paths": self.paths, "prm_paths_encoded": self.encoded,
-                "prm_cache_hits": self.cache.hits}
+                "prm_cache_hits": self.cache.hits, "prm_tokens": self.tokens}
 
 
 class StepTagPRM(ModelPRM):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-from ets.prm.base import RewardModel, ScoreRequest
+from ets.prm.base import RewardModel, ScoreRequest, charge
 from ets.prm.registry import PRMKind, register
 
 
@@ -16,7 +16,7 @@ class MockPRM(RewardModel):
     def __init__(self, seed: int = 0, answer: str = "42", drop_last_for: str | None = None):
         self.seed, self.answer = seed, answer
         self.drop_last_for = drop_last_for  # a substring: paths whose last step has it lose a score
-        self.calls = 0
+        self.calls = self.paths = self.tokens = 0
 
     def _score(self, texts: list[str]) -> float:
         h = hashlib.blake2b(repr((self.seed, texts)).encode(), digest_size=8).digest()
@@ -30,11 +30,18 @@ class MockPRM(RewardModel):
         out = []
         for req in requests:
             texts = req.node.step_texts()
+            # input tokens as the mock tokenizer counts them: words of the question and the steps
+            n = len(" ".join([req.question, *texts]).split())
+            self.paths, self.tokens = self.paths + 1, self.tokens + n
+            charge("prm_tokens", n)
             scores = [self._score(texts[: i + 1]) for i in range(len(texts))]
             if self.drop_last_for and self.drop_last_for in texts[-1]:
                 scores = scores[:-1]
             out.append(scores)
         return out
+
+    def stats(self) -> dict:
+        return {"prm_calls": self.calls, "prm_paths": self.paths, "prm_tokens": self.tokens}
 
 
 register(PRMKind(

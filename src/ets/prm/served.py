@@ -35,7 +35,7 @@ from typing import Sequence
 import httpx
 
 from ets.http import Health, ServerError, one_line, redact_url, request_with_retries, split_urls
-from ets.prm.base import PRMError, RewardModel, ScoreRequest
+from ets.prm.base import PRMError, RewardModel, ScoreRequest, charge
 from ets.prm.formats import math_shepherd_text, tagged_steps
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -166,6 +166,10 @@ class ServedPRM(RewardModel):
                 err.hint = ("the PRM server did not answer: check that it is up and that the --prm URL "
                             "is right")
                 raise err from e
+        used = (body.get("usage") or {}).get("prompt_tokens") if isinstance(body, dict) else None
+        if isinstance(used, int) and not isinstance(used, bool):  # the server's count (vLLM gives it)
+            self._counters["prm_tokens"] = self._counters.get("prm_tokens", 0) + used
+            charge("prm_tokens", used)
         where = f"{self.name} at {redact_url(self.url)}/pooling (--prm)"
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):

@@ -1,6 +1,7 @@
 """Plots of comparison runs: accuracy and KV vs width (one line per method), the record's
 per-config bars (accuracy, KV, throughput, selection time), and accuracy against KV (one point
-per config: the frontier)."""
+per config: the frontier), and accuracy against generated tokens and FLOPs per problem (one line
+per method across widths, best-of-n's subsampled curve dashed)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,67 @@ def record_plots(rows: Sequence[dict], out: str | Path, title: str) -> list[str]
                       for lab, r in zip(labels, rows)],
                      out / "accuracy_kv.png", f"accuracy against KV, n={n} problems — {title}")
     files.append("accuracy_kv.png")
+    files += plot_accuracy_compute(rows, out, title)
+    return files
+
+
+def plot_accuracy_compute(rows: Sequence[dict], out: str | Path, title: str) -> list[str]:
+    """Save accuracy_tokens.png (accuracy against generated tokens per problem) and, where every
+    row of some method knows it, accuracy_flops.png (against FLOPs per problem: policy + PRM
+    where all of them know both, else the policy's alone, as the axis says), one line per method
+    across its widths; a row with `best_of_n_curve` (ets.report.record) adds its best-of-n curve
+    as a dashed line on the tokens plot, n samples costing n/W of its tokens. Returns the file
+    names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[(r.get("method") or r["strategy"]) + _config_suffix(r, " ")].append(r)
+    n = max((r.get("problems", 0) for r in rows), default=0)
+    files = []
+
+    def tokens(r):
+        return r["generated_tokens"] / r["problems"] if r.get("problems") else None
+
+    flops_key = "flops_mean" if rows and all(r.get("flops_mean") is not None for r in rows) else "policy_flops_mean"
+    for name, x_of, xlabel in (
+            ("accuracy_tokens.png", tokens, "generated tokens per problem"),
+            ("accuracy_flops.png", lambda r: r.get(flops_key),
+             "FLOPs per problem (policy + PRM)" if flops_key == "flops_mean" else
+             "policy FLOPs per problem (PRM not counted: its tokens or parameters unknown)")):
+        lines = [(m, [r for r in sorted(rs, key=lambda r: r["width"]) if x_of(r)]) for m, rs in sorted(by_method.items())]
+        lines = [(m, rs) for m, rs in lines if rs]
+        if not lines:
+            continue  # nothing known to draw (FLOPs without parameter counts)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, (m, rs) in enumerate(lines):
+            # each marker smaller than the last, so methods with equal values stay visible (plot_compare)
+            color, marker, size = f"C{i % 10}", "os^Dv<>p"[i % 8], max(3.0, 10.0 - 1.5 * i)
+            ax.plot([x_of(r) for r in rs], [r["accuracy"] for r in rs], marker=marker, ms=size, ls="-", color=color,
+                    label=m)
+            for r in rs:
+                ax.annotate(f"W={r['width']}", (x_of(r), r["accuracy"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+            for r in rs:
+                curve = r.get("best_of_n_curve")
+                if name == "accuracy_tokens.png" and curve and curve.get("width"):
+                    v = r.get("best_of_n_vote", "weighted")
+                    ax.plot([x_of(r) * k / curve["width"] for k in curve["n"]], curve[v], ls="--", marker=".",
+                            color=color, alpha=0.7, label=f"{m}: best-of-n from W={curve['width']} ({v})")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title(f"accuracy against {'tokens' if 'tokens' in name else 'FLOPs'}, n={n} problems — {title}",
+                     fontsize=9)
+        _save_figure(fig, out / name, dpi=100)
+        files.append(name)
     return files
 
 

@@ -21,6 +21,12 @@ Row columns (n = problems every config finished, the same problems in every row)
                               were timed on the same chunks; the ETS/REBASE ratio uses those alone
   select_ms_per_step          strategy decision time per selection step (depth >= 1)
   waves                       embedded engine: iterations at which rows joined the batch (timed chunks)
+  prompt_tokens[_mean], prefilled_tokens[_mean], prm_tokens[_mean], policy_flops[_mean],
+  prm_flops[_mean], flops[_mean], policy_params, prm_params, latency_p50/p90/p99/mean
+                              compute over the n problems (ets.measures.compute_summary: totals
+                              and per problem, None unless every problem knows it)
+  best_of_n_curve             the widest best_of_n row: accuracy at n = 1, 2, ..., W subsampled
+                              from its own trees (ets.report.subsample)
 """
 
 from __future__ import annotations
@@ -121,13 +127,15 @@ def common_ids(arms) -> list[str]:
     return out
 
 
-def rows(arms, ids: list[str] | None = None) -> list[dict]:
+def rows(arms, ids: list[str] | None = None, params: dict | None = None) -> list[dict]:
     """One row per arm (ets.experiment.Arm) on the problems `ids` (default `common_ids`). Each
     row is paired with REBASE at its width under its own PRM (`paired_*`); where the arms compare
     several PRMs, each row under a later PRM is also paired with the same method and width under
-    the first PRM (`prm_*`)."""
+    the first PRM (`prm_*`). params: {"policy": N, "prm": N} parameter counts given now
+    (--policy-params / --prm-params), replacing the records' for the FLOPs columns."""
     ids = common_ids(arms) if ids is None else ids
-    out = [_row(a, ids) for a in arms]
+    out = [_row(a, ids, params) for a in arms]
+    _best_of_n_curves(arms, out)
     first_prm = getattr(arms[0], "prm", "") if arms else ""
     for r, a in zip(out, arms):
         base = next((b for b, ba in zip(out, arms) if b["strategy"] == "rebase" and b["width"] == r["width"]
@@ -158,11 +166,35 @@ def _paired(r: dict, base: dict) -> tuple:
             sum(theirs[i] and not mine[i] for i in both))
 
 
-def _row(arm, ids: list[str]) -> dict:
+def _best_of_n_curves(arms, out: list[dict]) -> None:
+    """The widest best_of_n row of each (dataset, PRM) gets `best_of_n_curve`: accuracy at n = 1,
+    2, 4, ..., W subsampled from its W-sample trees (ets.report.subsample), under its run's
+    aggregation; `best_of_n_vote` the curve drawn (majority where the run votes so, else
+    weighted). n samples cost n/W of the row's tokens."""
+    from ets.report.subsample import subsampled_accuracy
+
+    widest: dict = {}
+    for r, a in zip(out, arms):
+        if r["strategy"] == "best_of_n" and r["problems"]:
+            key = (r.get("dataset"), r.get("prm"))
+            if key not in widest or r["width"] > widest[key][0]["width"]:
+                widest[key] = (r, a)
+    for r, a in widest.values():
+        run = a.run.config().get("run", {})
+        wanted = {p["id"] for p in r["per_problem"]}
+        recs = [x for x in a.run.iter_problems() if x["id"] in wanted]
+        r["best_of_n_curve"] = subsampled_accuracy(recs, agg=run.get("agg", "last"))
+        r["best_of_n_vote"] = "majority" if run.get("vote") == "majority" else "weighted"
+
+
+def _row(arm, ids: list[str], params: dict | None = None) -> dict:
+    from ets.measures import compute_of, compute_summary
+
     wanted = set(ids) & {p.id for p in arm.problems}
     by_id = {r["id"]: r for r in arm.run.iter_problems() if r["id"] in wanted}
     recs = [by_id[i] for i in ids if i in by_id]
     s = summarize(recs, [])
+    comp = compute_summary(recs, params)
     n, k = s["problems"], s["correct"]
     lo, hi = wilson(k, n)
     chunks = timed_chunks(arm.run, wanted)
@@ -192,7 +224,8 @@ def _row(arm, ids: list[str]) -> dict:
         "kv_blocks_mean": s["kv_blocks_mean"], "kv_blocks_peak": s["kv_blocks_peak"],
         "meas_kv_mean": sum(means) / len(means) if means else None, "meas_kv_peak": max(peaks) if peaks else None,
         "meas_kv_problems": len(means),
-        "generated_tokens": s["generated_tokens"], "wall_s": wall,
+        "generated_tokens": s["generated_tokens"],
+        "generated_tokens_mean": s["generated_tokens"] / n if n else None, **comp, "wall_s": wall,
         "problems_per_s": done / wall if wall else None,
         "tokens_per_s": sum(c["generated_tokens"] for c in chunks) / wall if wall else None,
         "in_flight": max((c.get("in_flight", 1) for c in chunks), default=None),
@@ -214,7 +247,9 @@ def _row(arm, ids: list[str]) -> dict:
                                if measured.get(i, {}).get("measured_kv_mean") is not None]} for c in chunks],
         "per_problem": [{"id": r["id"], "correct": r["correct"], "kv_mean": r["kv"]["kv_mean"],
                          "kv_peak": r["kv"]["kv_peak"], "generated_tokens": r["counters"]["generated_tokens"],
-                         "wall_s": r["counters"].get("wall_s"), "steps": len(r["trace"])} for r in recs],
+                         "wall_s": r["counters"].get("wall_s"), "steps": len(r["trace"]),
+                         **{k: c[k] for k in ("prompt_tokens", "prefilled_tokens", "prm_tokens", "flops")}}
+                        for r, c in ((r, compute_of(r, params)) for r in recs)],
     }
 
 
@@ -286,7 +321,8 @@ def table(rows_: list[dict]) -> str:
     row has them."""
     has = {k: any(r.get(k) is not None for r in rows_)
            for k in ("meas_kv_mean", "prefill_tokens", "prefix_hit_rate", "paired_diff", "dataset",
-                     "server_running", "prm", "prm_diff")}
+                     "server_running", "prm", "prm_diff", "prompt_tokens_mean", "prefilled_tokens_mean",
+                     "prm_tokens_mean", "policy_flops_mean", "flops_mean", "latency_p50")}
     has_waves = any(r.get("waves") for r in rows_)
     base_prm = next((r["prm_base"] for r in rows_ if r.get("prm_diff") is not None), None)
     head = ["method", "W"] + (["data"] if has["dataset"] else []) + (["PRM"] if has["prm"] else [])
@@ -298,7 +334,11 @@ def table(rows_: list[dict]) -> str:
     head += ["prefill tok"] if has["prefill_tokens"] else []
     head += ["prefix hit"] if has["prefix_hit_rate"] else []
     head += ["running / waiting", "preempted"] if has["server_running"] else []
-    head += ["gen tok/prob", "prob/s", "tok/s", "timed on", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
+    head += ["gen tok/prob"]
+    # compute columns (ets.measures.compute_summary): each only where some row knows it
+    compute_cols = [(k, h, f) for k, h, f in COMPUTE_COLUMNS if has[k]]
+    head += [h for _, h, _ in compute_cols]
+    head += ["prob/s", "tok/s", "timed on", "in flight", "sel ms/step"] + (["waves"] if has_waves else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows_:
         cells = [r["method"], str(r["width"])] + ([r.get("dataset") or "-"] if has["dataset"] else [])
@@ -319,13 +359,57 @@ def table(rows_: list[dict]) -> str:
         if has["server_running"]:
             cells += ["-" if r.get("server_running") is None else
                       f"{r['server_running']:.0f} / {r.get('server_waiting') or 0:.0f}", _f(r.get("preemptions"), "{}")]
-        cells += [_f(r["generated_tokens"] / r["problems"] if r["problems"] else None, "{:.0f}"),
-                  _f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _timed_on(r), _f(r["in_flight"], "{}"),
+        cells += [_f(r["generated_tokens"] / r["problems"] if r["problems"] else None, "{:.0f}")]
+        for k, _, fmt in compute_cols:
+            cells.append(_latency(r) if k == "latency_p50" else _f(r.get(k), fmt))
+        cells += [_f(r["problems_per_s"], "{:.4f}"), _f(r["tokens_per_s"], "{:.1f}"), _timed_on(r), _f(r["in_flight"], "{}"),
                   _f(r["select_ms_per_step"], "{:.1f}")]
         if has_waves:
             cells.append(_f(r.get("waves"), "{}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# (row key, header, format) of the compute columns, in table order
+COMPUTE_COLUMNS = [("prompt_tokens_mean", "prompt tok/prob", "{:.0f}"),
+                   ("prefilled_tokens_mean", "meas prefill tok/prob", "{:.0f}"),
+                   ("prm_tokens_mean", "PRM tok/prob", "{:.0f}"),
+                   ("policy_flops_mean", "policy FLOPs/prob", "{:.3g}"),
+                   ("flops_mean", "FLOPs/prob", "{:.3g}"),
+                   ("latency_p50", "latency p50 / p90 s", "")]
+
+
+def _latency(r: dict) -> str:
+    if r.get("latency_p50") is None:
+        return "-"
+    return f"{r['latency_p50']:.3g} / {r['latency_p90']:.3g}"
+
+
+def compute_markdown(rows_: list[dict]) -> str:
+    """results.md's compute section: what the columns count, and the best-of-n curve of each
+    best_of_n row that has one (ets.report.subsample)."""
+    from ets.report.subsample import subsample_markdown
+
+    lines = ["## Compute", "",
+             "Per problem: gen tok = tokens the policy generated; prompt tok = the prompt plus the path of "
+             "every node it expanded (what an engine without a prefix cache prefills); meas prefill = the "
+             "prompt tokens the server says it computed, where it held no other problem; PRM tok = input "
+             "tokens the PRM read (where it counts them); FLOPs = 2 x parameters x tokens (policy: gen + "
+             "prompt tok; PRM: PRM tok), shown where the parameter counts are known (model config, "
+             "--policy-params, --prm-params); latency = percentiles of the problems' search wall time. "
+             "Latency p99: " + ", ".join(f"{r['method']} W={r['width']} {_f(r.get('latency_p99'), '{:.3g}')} s"
+                                         for r in rows_) + "."]
+    for r in rows_:
+        if r.get("best_of_n_curve"):
+            lines += ["", f"### {r['method']} W={r['width']}" + _suffix(r) + ": best-of-n from one run",
+                      "", subsample_markdown(r["best_of_n_curve"]),
+                      "", f"(n samples cost about n/{r['width']} of its {_f(r.get('generated_tokens_mean'), '{:.0f}')} "
+                      "generated tokens per problem)"]
+    return "\n".join(lines)
+
+
+def _suffix(r: dict) -> str:
+    return (f" {r['dataset']}" if r.get("dataset") else "") + (f" prm={r['prm']}" if r.get("prm") else "")
 
 
 def _timed_on(r: dict) -> str:
@@ -411,6 +495,8 @@ def write_report(out: Path, rows_: list[dict], meta: dict, extra_md: str = "") -
           f"(n={len(meta.get('problem_ids', []))} of {meta.get('n_requested')} requested)",
           f"- settings: {settings}",
           "", table(rows_), "", "## ETS / REBASE", ""] + (ratio_lines(rats) or ["(no ETS + REBASE pair)"])
+    if rows_:
+        md += ["", compute_markdown(rows_)]
     if meta.get("not_run"):
         md += ["", f"Not reported (no problem finished): {', '.join(meta['not_run'])}."]
     if extra_md:
