@@ -4,7 +4,7 @@ rollouts which took hours of a server survive the machine they were made on:
     python benchmarks/pack_run.py runs/best_of_n-w16-XXXXXXXX benchmarks/results/SOMEWHERE/rollouts.tar.xz
     tar xJf benchmarks/results/SOMEWHERE/rollouts.tar.xz -C runs      # back: the same run directory
 
-The archive holds RUN/config.json, RUN/sessions.jsonl, RUN/summary.json, RUN/policy_identity.txt
+The archive holds RUN/config.json, RUN/sessions.jsonl, RUN/summary.json, RUN/policy_identity.txt, RUN/named_by.json
 (those that exist) and RUN/problems/*.json, not claims/ or errors/ (a machine's own state).
 Unpacked under the runs directory of the command that made it, the run resumes as usual: finished
 problems are skipped, the rest are sampled. Token log-probs are rounded to --decimals (default 4:
@@ -20,7 +20,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-RUN_FILES = ("config.json", "sessions.jsonl", "summary.json", "policy_identity.txt")
+RUN_FILES = ("config.json", "sessions.jsonl", "summary.json", "policy_identity.txt", "named_by.json")
 
 
 def compact_record(record: dict, decimals: int) -> bytes:
