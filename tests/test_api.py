@@ -164,6 +164,8 @@ def test_chat_completion_is_the_searched_solution_with_honest_usage(api, tmp_pat
     assert ets["usage"]["prompt_tokens_from"].startswith("the prompt")
     assert (ets["kv_mean"], ets["kv_peak"]) == (rec["kv"]["kv_mean"], rec["kv"]["kv_peak"]) and ets["kv_peak"] > 0
     assert rec["correct"] is None and rec["api"]["usage"] == out.usage.model_dump(exclude_none=True)
+    # the record's compute: the tree's tokens, and the PRM tokens charged to this request (the mock counts them)
+    assert rec["compute"]["generated_tokens"] == generated and rec["compute"]["prm_tokens"] > 0
     # `ets view RUN --problem ID` opens that tree
     html = tmp_path / "tree.html"
     assert cli.main(["view", ets["run"], "--problem", ets["problem_id"], "-o", str(html)]) == 0

@@ -283,6 +283,7 @@ class App:
         """Search `question` under `cfg`, save its record, return the answer fields (see module doc).
         Cancellation (a client gone) releases the tree's nodes and saves nothing."""
         from ets.measures import counter_delta, snapshot
+        from ets.prm.base import PROBLEM_COUNTERS
         from ets.runner import _MODEL_TEXT, _embedder, failure_message, problem_record, redact_obj
         from ets.search import search
         from ets.tasks import Problem
@@ -297,6 +298,8 @@ class App:
             self.live[rid] = set(self.live)
             watched, before = _Watched(policy), snapshot(policy)
             log(f"{rid}: {model} ({cfg.strategy}, W={cfg.width}) started")
+            charged: dict = {}  # what the PRM charges to this request as it scores (ets.prm.base.charge)
+            token = PROBLEM_COUNTERS.set(charged)
             try:
                 result = await search(prompt, watched, prm, cfg, embedder=_embedder(cfg, self.embedders),
                                       reference=self.task.reference(problem))
@@ -311,10 +314,12 @@ class App:
                 log(msg.replace("\n", " "))
                 raise ApiError(500, msg, "search_failed", "server_error") from None
             finally:
+                PROBLEM_COUNTERS.reset(token)
                 shared = self.live.pop(rid)
             delta = counter_delta(snapshot(policy), before)
         record = problem_record(problem, self.task, prompt, result, vote, agg,
-                                getattr(policy, "name", "?"), getattr(prm, "name", "?"))
+                                getattr(policy, "name", "?"), getattr(prm, "name", "?"),
+                                prm_tokens=charged.get("prm_tokens", 0) if "prm_tokens" in snapshot(prm) else None)
         record["correct"] = None  # no gold answer to grade against
         generated = result.counters["generated_tokens"]
         key = next((k for k in ("prompt_tokens", "prefill_tokens") if isinstance(delta.get(k), (int, float))), None)
