@@ -136,3 +136,13 @@ def vllm_pooling_server(tmp_path_factory):
     with start_vllm_server(default_model_dir(), free_port(), python, kv_cache_gb=1, log_path=log,
                            extra_args=POOLING_ARGS) as server:
         yield server
+
+
+def toy_dataset(tmp_path, n: int = 3, question=lambda i: f"problem {i}: 6*7?", all_problems: bool = True) -> list[str]:
+    """A JSONL of `n` toy problems (ids t0..t{n-1}, gold 42, `question(i)`) and the flags that run
+    on it with run directories under tmp_path/runs (all_problems: `--limit 0`)."""
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "question": question(i), "answer": "42"}) + "\n"
+                            for i in range(n)))
+    args = ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+    return args + (["--limit", "0"] if all_problems else [])

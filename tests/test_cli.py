@@ -10,16 +10,14 @@ import pytest
 import ets.cli as cli
 from ets.prm.base import PRMError
 from ets.prm.mock import MockPRM
+from conftest import toy_dataset
 
 MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress"]
 
 
 @pytest.fixture
 def toy(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
-                            for i in range(4)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs"), "--limit", "0"]
+    return toy_dataset(tmp_path, 4)
 
 
 def run_dirs(tmp_path):

@@ -18,6 +18,7 @@ import ets.cli as cli
 from ets.measures import compute_of, compute_summary, folder_params, model_params, parse_count, percentile
 from ets.prm.base import PROBLEM_COUNTERS, ScoreRequest
 from ets.runs import RunDir, summarize
+from conftest import toy_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress"]
@@ -27,10 +28,7 @@ OLD_RUN = ROOT / "benchmarks/results/prm-signal-bon16-gsm8k-200/rollouts-best_of
 
 @pytest.fixture
 def toy(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
-                            for i in range(3)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs"), "--limit", "0"]
+    return toy_dataset(tmp_path, 3)
 
 
 def compare(tmp_path, toy, *extra):

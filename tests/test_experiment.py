@@ -11,16 +11,14 @@ import ets.cli as cli
 from ets.experiment import parse_method, schedule
 from ets.measures import counter_delta, trace_measures
 from ets.report.record import paired_interval, wilson
+from conftest import toy_dataset
 
 MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress", "--max-tokens", "200"]
 
 
 @pytest.fixture
 def toy(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
-                            for i in range(5)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+    return toy_dataset(tmp_path, 5, all_problems=False)
 
 
 def test_parse_method_types_params_as_the_strategy_config():

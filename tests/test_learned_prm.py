@@ -23,6 +23,7 @@ from ets.runs import RunDir
 from ets.tasks import Task
 from ets.tree import ANSWER, CAP, Tree
 from ets.treeio import tree_to_dict
+from conftest import toy_dataset
 
 MOCK = ["--policy", "mock", "--embedder", "hash", "--no-progress"]
 TASK = Task("toy", numeric=True)
@@ -63,10 +64,7 @@ class PlantedPolicy(MockPolicy):
 
 @pytest.fixture
 def toy(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: {i} + {42 - i}?", "answer": "42"})
-                            + "\n" for i in range(30)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs"), "--limit", "0"]
+    return toy_dataset(tmp_path, 30, question=lambda i: f"problem {i}: {i} + {42 - i}?")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from ets.strategies.particle_filter import (ParticleFilter, ParticleFilterConfig
                                             log_weights, resample, softmax)
 
 from helpers import run_mock, tree_from_parents
+from conftest import toy_dataset
 
 MOCK = ["--policy", "mock", "--prm", "mock", "--embedder", "hash", "--no-progress"]
 
@@ -167,10 +168,7 @@ def test_mock_search_with_every_option():
 
 @pytest.fixture
 def toy(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps({"id": f"t{i}", "question": f"problem {i}: 6*7?", "answer": "42"}) + "\n"
-                            for i in range(4)))
-    return ["--dataset", str(path), "--id-field", "id", "--runs-dir", str(tmp_path / "runs")]
+    return toy_dataset(tmp_path, 4, all_problems=False)
 
 
 def test_cli_run(tmp_path, toy, capsys):
