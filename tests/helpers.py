@@ -38,3 +38,13 @@ def run_mock(strategy: str, width: int, seed: int = 0, **params):
     policy = MockPolicy(seed=seed)
     result = asyncio.run(search("What is 6 * 7?", policy, MockPRM(seed=seed), cfg, embedder=HashEmbedder()))
     return result, policy
+
+
+def step_path(steps, question_ids=(1,)):
+    """The last node of a chain root -> steps[0] -> steps[1] ... (each step one token, 5): a
+    path to hand a PRM in a ScoreRequest."""
+    tree = Tree(list(question_ids), "q")
+    node = tree.root
+    for s in steps:
+        node = tree.add_child(node, [5], s, "delimiter")
+    return node

@@ -18,7 +18,7 @@ from ets.prm.chat_prms import two_class, unlisted_bound
 from ets.prm.judge import JudgePRM, ServedJudge, judge_messages, yes_no_score
 from ets.prm.orm import ORMPRM, ServedORM, orm_messages
 from ets.prm.rlhflow import RLHFlowPRM, ServedRLHFlow, conversation
-from ets.tree import Tree
+from helpers import step_path as path
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -71,14 +71,6 @@ def tok():
 @pytest.fixture(scope="module")
 def lm(tok):
     return tiny_llama(len(tok), eos=tok.eos_token_id)
-
-
-def path(steps):
-    tree = Tree([1], "q")
-    node = tree.root
-    for s in steps:
-        node = tree.add_child(node, [5], s, "delimiter")
-    return node
 
 
 def run(coro):
@@ -280,10 +272,11 @@ def test_served_judge_sends_the_in_process_chat_and_judges_each_new_step_once(to
         assert same(run(served.score(reqs)), run(local.score(reqs)))
         run(served.aclose())
     sent = srv.posts("/v1/chat/completions")
-    assert sent[0]["messages"] == local.messages(Q, PATHS[0][:1]) and sent[0]["model"] == "tiny"
-    assert sent[0]["max_tokens"] == 1 and sent[0]["logprobs"] is True
+    # the requests go out concurrently: find the one that judged the first step of the first path
+    [first] = [b for b in sent[:len(sent) // 2] if b["messages"] == local.messages(Q, PATHS[0][:1])]
+    assert first["model"] == "tiny" and first["max_tokens"] == 1 and first["logprobs"] is True
     # the in-process judge reads the text the server renders from these messages
-    assert tok.apply_chat_template(sent[0]["messages"], tokenize=False, add_generation_prompt=True) == \
+    assert tok.apply_chat_template(first["messages"], tokenize=False, add_generation_prompt=True) == \
         local.prompt(Q, PATHS[0][:1])
     # a path of k steps whose first k-1 were scored costs one request
     n = len(srv.posts("/v1/chat/completions"))

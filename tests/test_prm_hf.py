@@ -11,7 +11,7 @@ from ets.prm.base import PRMError, ScoreRequest
 from ets.prm.math_shepherd import MathShepherdPRM
 from ets.prm.qwen_prm import QwenPRM
 from ets.search import search
-from ets.tree import Tree
+from helpers import step_path as path
 
 WORDS = ["<pad>", "<unk>", "ки", "+", "-", "=", "Step", "so", "the", "answer", "is"] + [str(i) for i in range(30)]
 
@@ -43,14 +43,6 @@ def tiny_qwen_head(vocab):
     return Qwen2ForTokenClassification(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                                    num_hidden_layers=2, num_attention_heads=4,
                                                    num_key_value_heads=2, num_labels=2, pad_token_id=0)).eval()
-
-
-def path(steps, question_ids=(1,)):
-    tree = Tree(list(question_ids), "q")
-    node = tree.root
-    for s in steps:
-        node = tree.add_child(node, [5], s, "delimiter")
-    return node
 
 
 PATHS = [["1 + 2 = 3\n\n", "3 + 4 = 7\n\n", "so the answer is 7"], ["5 = 5\n\n"], ["2 + 2 = 4\n\n", "4 - 1 = 3"]]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ets.prm.base import ScoreRequest
-from ets.tree import Tree
+from helpers import step_path as path
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -113,14 +113,6 @@ def skywork_ckpt(tmp_path_factory):
     folder = save_checkpoint(tmp_path_factory.mktemp("skywork") / "prm", backbone, cfg, "Qwen2ForPrmModel", head,
                              tok, extra={"lm_head.weight": random(len(tok), H)})
     return folder, backbone, head, tok
-
-
-def path(steps, question_ids=(1,)):
-    tree = Tree(list(question_ids), "q")
-    node = tree.root
-    for s in steps:
-        node = tree.add_child(node, [5], s, "delimiter")
-    return node
 
 
 def run(coro):

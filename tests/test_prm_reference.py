@@ -8,7 +8,7 @@ import pytest
 from ets.prm import registry
 from ets.prm.base import PRMError, Reference, ScoreRequest
 from ets.prm.reference import ReferencePRM, gold_values, numbers, results
-from ets.tree import Tree
+from helpers import step_path as node
 
 # GSM8K test problem 0 and its gold solution, as in the data set
 QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
@@ -17,14 +17,6 @@ QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast eve
 SOLUTION = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
             "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer's market.\n#### 18")
 REF = Reference("18", SOLUTION, numeric=True)
-
-
-def node(steps):
-    tree = Tree([1], "q")
-    n = tree.root
-    for s in steps:
-        n = tree.add_child(n, [2], s, "delimiter")
-    return n
 
 
 def sigmoid(x):
