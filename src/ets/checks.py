@@ -8,7 +8,6 @@ shown with their credentials redacted (ets.engines.server.redact_url).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -93,15 +92,12 @@ def _check_model_dir(path: Path, flag: str, spec: str) -> None:
                        "(models are never downloaded), or: " + ("default, mock, http://HOST:PORT"
                                                                 if flag == "--policy" else
                                                                 "a PRM spec (see `ets prms`)"))
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise BadInput(f"{flag} {spec}: {path} has no config.json, so it is not a transformers model folder")
+    from ets.prm.registry import SpecError, check_model_config
+
     try:
-        obj = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise BadInput(f"{flag} {spec}: {cfg} is not valid JSON ({e}); fix or replace the model folder") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("model_type"), str):
-        raise BadInput(f"{flag} {spec}: {cfg} names no model_type; it is not a transformers model config")
+        check_model_config(path, f"{flag} {spec}")
+    except SpecError as e:
+        raise BadInput(str(e)) from None
 
 
 def _check_policy(spec: str) -> None:

@@ -308,13 +308,19 @@ def check_url(url: str, what: str) -> None:
 
 def check_model_dir(target: str, what: str) -> None:
     """A local transformers model: a folder with a readable config.json naming its model_type."""
-    import json
     from pathlib import Path
 
     path = Path(target).expanduser()
     if not path.is_dir():
         raise SpecError(f"{what}: no such model folder {path} (models are never downloaded: give a local "
                         "folder, or a served model's URL)")
+    check_model_config(path, what)
+
+
+def check_model_config(path, what: str) -> None:
+    """`path`'s config.json exists, is JSON and names a model_type (a transformers model folder)."""
+    import json
+
     cfg = path / "config.json"
     if not cfg.is_file():
         raise SpecError(f"{what}: {path} has no config.json, so it is not a transformers model folder")
