@@ -77,13 +77,12 @@ def prm_specs(a, strict: bool) -> str:
     flags = {name: getattr(a, "prm_" + name, None) for name in registry.flag_options()}
     if not any(v is not None for v in flags.values()):
         return a.prm
-    specs = [str(registry.with_flag_options(registry.parse(s), flags, strict)) for s in _csv(a.prm)]
-    used = {n for n, v in flags.items() if v is not None}
-    for name in used:
-        if not any(name in {o.name for o in registry.kind_of(registry.parse(s).kind).options} for s in specs):
+    specs = [registry.with_flag_options(registry.parse(s), flags, strict) for s in _csv(a.prm)]
+    for name in (n for n, v in flags.items() if v is not None):
+        if not any(s.kind in registry.owners(name) for s in specs):
             raise registry.SpecError(f"--prm-{name.replace('_', '-')} applies to none of --prm {a.prm} "
                                      f"(it is an option of {', '.join(registry.owners(name))})")
-    return ",".join(specs)
+    return ",".join(str(s) for s in specs)
 
 
 def typing_args(typ) -> tuple:
@@ -673,7 +672,8 @@ def cmd_prms(a) -> int:
 def cmd_worth(a) -> int:
     from ets.runs import RunDir, atomic_write_text
 
-    RunDir(a.run_dir).config()  # a clear error when it is not a run directory
+    run = RunDir(a.run_dir)
+    strategy = run.config()["identity"]["search"]["strategy"]  # a clear error when it is not a run directory
     if a.limit is not None and a.limit < 1:
         raise BadInput(f"--limit {a.limit}: give a number of problems >= 1")
     if a.concurrency < 1:
@@ -681,24 +681,22 @@ def cmd_worth(a) -> int:
     if a.prm is None:
         from ets.report.prm_worth import run_worth, worth_markdown
 
-        ids = None
-        if a.limit is not None:
-            ids = [r["id"] for r in RunDir(a.run_dir).iter_problems()][: a.limit]
-        rows = [run_worth(a.run_dir, agg=a.agg, ids=ids)]
+        records = list(run.iter_problems())[: a.limit]  # read once: the rules and the best-of-n curve
+        rows = [run_worth(a.run_dir, agg=a.agg, records=records)]
         text = f"### {rows[0]['run']} (agg {a.agg})\n\n{worth_markdown(rows[0])}\n"
-        if RunDir(a.run_dir).config()["identity"]["search"]["strategy"] == "best_of_n":
+        if strategy == "best_of_n":
             from ets.report.subsample import subsample_markdown, subsampled_accuracy
 
-            recs = [r for r in RunDir(a.run_dir).iter_problems() if ids is None or r["id"] in ids]
-            rows[0]["best_of_n_curve"] = curve = subsampled_accuracy(recs, agg=a.agg)
+            rows[0]["best_of_n_curve"] = curve = subsampled_accuracy(records, agg=a.agg)
             text += "\n" + subsample_markdown(curve) + "\n"
     else:
+        from ets.checks import _check_prm
         from ets.factory import make_prm
         from ets.report.rescore import rescore_markdown, worth_of
 
         specs = _csv(prm_specs(a, strict=len(_csv(a.prm)) == 1))
         for spec in specs:
-            _check_prm_spec(spec)
+            _check_prm(spec)
         rows = []
         for spec in specs:
             prm = make_prm(spec, None, seed=a.seed, **({"timeout_s": a.request_timeout} if a.request_timeout else {}))
@@ -714,12 +712,6 @@ def cmd_worth(a) -> int:
         atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def _check_prm_spec(spec: str) -> None:
-    from ets.checks import _check_prm
-
-    _check_prm(spec)
 
 
 def cmd_view(a) -> int:

@@ -78,12 +78,14 @@ def problem_worth(record: dict, agg: str = "last", draws: int = 32) -> dict:
     return out
 
 
-def run_worth(run_dir: str | Path, agg: str = "last", draws: int = 32, ids: list[str] | None = None) -> dict:
-    """Every rule's accuracy over a run's saved problems (or those in `ids`), with intervals and
-    the two AUROCs (see the module docstring)."""
+def run_worth(run_dir: str | Path, agg: str = "last", draws: int = 32, ids: list[str] | None = None,
+              records: list[dict] | None = None) -> dict:
+    """Every rule's accuracy over a run's saved problems (or those in `ids`; `records`: those
+    records, already read), with intervals and the two AUROCs (see the module docstring)."""
     run = RunDir(run_dir)
     wanted = set(ids) if ids is not None else None
-    per = [problem_worth(r, agg, draws) for r in run.iter_problems() if wanted is None or r["id"] in wanted]
+    records = run.iter_problems() if records is None else records
+    per = [problem_worth(r, agg, draws) for r in records if wanted is None or r["id"] in wanted]
     return {"run": run.name, "agg": agg, "random_draws": draws, **summarize_worth(per)}
 
 
